@@ -1,0 +1,191 @@
+"""Command line: ``wsiseg run``, ``wsiseg train``, ``wsiseg models``. Thin: parse, call, report."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from wsiseg.slide import INPUT_SUFFIXES, SlideError
+
+SAMPLE = Path(__file__).resolve().parent / "data" / "CMU-1-Small-Region.svs"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
+    """Files as given; folders expand to the slides and images directly inside them."""
+    files, errors = [], []
+    for s in inputs:
+        p = Path(s)
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in INPUT_SUFFIXES)
+            if not found:
+                errors.append(f"{p}: folder holds no slides or images ({', '.join(sorted(INPUT_SUFFIXES))})")
+            files.extend(found)
+        else:
+            files.append(p)
+    return files, errors
+
+
+def _out_names(files: list[Path]) -> list[str]:
+    """Output folder names: the file stem, made unique with the parent folder's name if needed."""
+    stems = [f.name.split(".")[0] if f.name.lower().endswith((".ome.tif", ".ome.tiff")) else f.stem for f in files]
+    names = []
+    for f, s in zip(files, stems):
+        names.append(s if stems.count(s) == 1 else f"{f.parent.name}_{s}")
+    return names
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from wsiseg.models.registry import ModelError, load_model
+    from wsiseg.pipeline import RunConfig, run_slide
+    from wsiseg.predict import Predictor
+
+    inputs = list(args.inputs)
+    if args.sample:
+        inputs.insert(0, str(SAMPLE))
+    if not inputs:
+        print("wsiseg run: give one or more slides, images or folders (or --sample)", file=sys.stderr)
+        return EXIT_USAGE
+    files, errors = _expand_inputs(inputs)
+    for e in errors:
+        print(f"wsiseg: error: {e}", file=sys.stderr)
+    try:
+        model = load_model(args.model)
+        predictor = Predictor(model, args.device, threads=args.threads)
+        cfg = RunConfig(tile=args.tile, overlap=args.overlap, batch_size=args.batch_size, workers=args.workers,
+                        mpp=args.mpp, overwrite=args.overwrite, window=args.window, tissue=not args.no_tissue_mask)
+    except (ModelError, ValueError) as e:
+        print(f"wsiseg: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if cfg.tile % model.input_multiple:
+        print(f"wsiseg: error: --tile {cfg.tile} must be a multiple of {model.input_multiple} for model {model.id}", file=sys.stderr)
+        return EXIT_USAGE
+    out_root = Path(args.output)
+    failed = len(errors)
+    for f, name in zip(files, _out_names(files)):
+        bar = tqdm(total=0, unit="tile", desc=f.name, disable=None if not args.quiet else True, leave=False,
+                   dynamic_ncols=True)
+
+        def set_total(n: int, bar=bar) -> None:
+            bar.total = n
+            bar.refresh()
+
+        try:
+            res = run_slide(f, out_root / name, predictor, cfg, progress=bar.update, progress_total=set_total)
+        except SlideError as e:
+            bar.close()
+            print(f"wsiseg: error: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        except KeyboardInterrupt:
+            bar.close()
+            print(f"wsiseg: interrupted during {f}; run the same command again to resume", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except Exception as e:  # an unexpected failure on one input must not stop the batch
+            bar.close()
+            logging.getLogger("wsiseg").debug("traceback", exc_info=True)
+            print(f"wsiseg: error: {f}: failed ({type(e).__name__}: {e}); run with -v for the traceback", file=sys.stderr)
+            failed += 1
+            continue
+        bar.close()
+        s = res.summary
+        if res.status == "skipped":
+            print(f"{f.name}: {res.message}: {res.out_dir}")
+            continue
+        note = {"resumed": " (resumed)", "no_tissue": " (no tissue)"}.get(res.status, "")
+        print(
+            f"{f.name}: {s['tiles_inferred_this_run']} tiles ({s['tiles_with_tissue']}/{s['tiles_total']} with tissue) "
+            f"in {s['seconds']['total']:.1f} s, {s['tiles_per_second']} tiles/s on {s['device']}{note} -> {res.out_dir}"
+        )
+        if res.message:
+            print(f"wsiseg: warning: {f}: {res.message}", file=sys.stderr)
+    if failed:
+        print(f"wsiseg: {failed} input(s) failed", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from wsiseg.train.loop import TrainConfig, train
+
+    cfg = TrainConfig.from_yaml(args.config)
+    overrides = {k: v for k, v in (("steps", args.steps), ("out", args.out), ("data", args.data)) if v is not None}
+    if overrides:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, **overrides)
+    if not Path(cfg.data).exists():
+        print(f"wsiseg: error: training data {cfg.data} not found (set data: in the config or --data)", file=sys.stderr)
+        return EXIT_USAGE
+    train(cfg)
+    return EXIT_OK
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    import json
+
+    from wsiseg.models.registry import DEFAULT_MODEL, WEIGHTS_DIR, list_models
+
+    for name in list_models():
+        meta = json.loads((WEIGHTS_DIR / f"{name}.json").read_text())
+        val = meta.get("metrics", {}).get("validation", {}).get("dice_pooled")
+        tag = " (default)" if name == DEFAULT_MODEL else ""
+        print(f"{name}{tag}: {meta['architecture']}, classes {meta['classes']}, {meta['mpp']} um/px"
+              + (f", validation Dice {val:.3f}" if val is not None else ""))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from wsiseg import __version__
+
+    p = argparse.ArgumentParser(prog="wsiseg", description="Nuclei probability maps from whole-slide images.")
+    p.add_argument("--version", action="version", version=f"wsiseg {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="segment slides or images into OME-Zarr probability maps")
+    r.add_argument("inputs", nargs="*", help="slides (SVS, NDPI, MRXS, TIFF...), images (PNG/JPEG/TIFF) or folders")
+    r.add_argument("--sample", action="store_true", help="also run the bundled sample slide (CMU-1-Small-Region.svs)")
+    r.add_argument("-o", "--output", default="wsiseg-out", help="output root; each input goes to OUT/<stem>/")
+    r.add_argument("--model", default=None, help="shipped model name or path to NAME.safetensors (default: the shipped U-Net)")
+    r.add_argument("--mpp", type=float, default=None, help="um/px of inputs that do not carry it (plain images)")
+    r.add_argument("--tile", type=int, default=256)
+    r.add_argument("--overlap", type=float, default=0.5)
+    r.add_argument("--batch-size", type=int, default=8)
+    r.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    r.add_argument("--workers", type=int, default=2, help="reader threads")
+    r.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    r.add_argument("--window", default="hann", choices=["hann", "gaussian", "flat"], help="blending window")
+    r.add_argument("--no-tissue-mask", action="store_true", help="infer every tile, background too")
+    r.add_argument("--overwrite", action="store_true", help="discard existing output and start again")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    r.set_defaults(func=cmd_run)
+
+    t = sub.add_parser("train", help="train a segmentation model from a YAML config")
+    t.add_argument("--config", required=True)
+    t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--data", default=None)
+    t.add_argument("--out", default=None)
+    t.set_defaults(func=cmd_train)
+
+    m = sub.add_parser("models", help="list the shipped models")
+    m.set_defaults(func=cmd_models)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    logging.getLogger("PIL").setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("wsiseg: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

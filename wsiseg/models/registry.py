@@ -1,0 +1,142 @@
+"""Model registry: architecture name -> builder; weights as safetensors + JSON sidecar.
+
+A model on disk is two files, ``NAME.safetensors`` and ``NAME.json``. The sidecar carries what
+the engine needs to use the weights correctly::
+
+    {"id": "...", "architecture": "unet_bn", "arch_kwargs": {...},
+     "classes": ["nucleus"], "mpp": 0.5, "activation": "sigmoid",
+     "normalization": {"mean": [...], "std": [...]},   # on RGB scaled to [0, 1]
+     "input_multiple": 16, "training": {...}, "metrics": {...}}
+
+Weights are never unpickled: safetensors only.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from wsiseg.models.unet import UNetBN
+
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "unet_bn": UNetBN,
+}
+
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+DEFAULT_MODEL = "unet-bn-monuseg-20x"
+
+
+class ModelError(ValueError):
+    """A model name or file that cannot be used; the message says why and what to do."""
+
+
+def list_models() -> list[str]:
+    """Names of the shipped models (those with a sidecar in the package's weights folder)."""
+    return sorted(p.stem for p in WEIGHTS_DIR.glob("*.json"))
+
+
+def build_model(architecture: str, **kwargs: Any) -> nn.Module:
+    """Build an untrained network by registry name."""
+    try:
+        builder = _BUILDERS[architecture]
+    except KeyError:
+        raise ModelError(
+            f"unknown architecture {architecture!r}; known: {', '.join(sorted(_BUILDERS))}"
+        ) from None
+    return builder(**kwargs)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A network in eval mode plus the metadata from its sidecar."""
+
+    network: nn.Module
+    meta: dict = field(repr=False)
+
+    @property
+    def id(self) -> str:
+        return self.meta.get("id", "unknown")
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["classes"])
+
+    @property
+    def mpp(self) -> float:
+        return float(self.meta["mpp"])
+
+    @property
+    def mean(self) -> list[float]:
+        return list(self.meta["normalization"]["mean"])
+
+    @property
+    def std(self) -> list[float]:
+        return list(self.meta["normalization"]["std"])
+
+    @property
+    def activation(self) -> str:
+        return self.meta.get("activation", "sigmoid")
+
+    @property
+    def input_multiple(self) -> int:
+        return int(self.meta.get("input_multiple", 16))
+
+
+def resolve_model_path(name_or_path: str | Path | None) -> Path:
+    """Map a registry name or a path (with or without suffix) to the ``.safetensors`` file."""
+    if name_or_path is None:
+        name_or_path = DEFAULT_MODEL
+    p = Path(name_or_path)
+    candidates = []
+    if p.suffix in (".safetensors", ".json"):
+        candidates.append(p.with_suffix(".safetensors"))
+    else:
+        candidates += [p.with_name(p.name + ".safetensors"), WEIGHTS_DIR / f"{p.name}.safetensors"]
+    for c in candidates:
+        if c.is_file() and c.with_suffix(".json").is_file():
+            return c
+    known = ", ".join(list_models()) or "none shipped"
+    raise ModelError(
+        f"model {str(name_or_path)!r} not found: give a shipped name ({known}) or the path of a "
+        "NAME.safetensors file with its NAME.json sidecar beside it"
+    )
+
+
+def save_model(network: nn.Module, meta: dict, path: str | Path) -> Path:
+    """Write ``path.safetensors`` and ``path.json``; returns the safetensors path."""
+    from safetensors.torch import save_file
+
+    path = Path(path).with_suffix(".safetensors")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
+    save_file(state, str(path), metadata={"id": str(meta.get("id", path.stem))})
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+    return path
+
+
+def load_model(name_or_path: str | Path | None = None) -> LoadedModel:
+    """Load a model by shipped name or path; returns it in eval mode on the CPU."""
+    from safetensors.torch import load_file
+
+    path = resolve_model_path(name_or_path)
+    try:
+        meta = json.loads(path.with_suffix(".json").read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{path.with_suffix('.json')}: sidecar is not valid JSON ({e})") from None
+    for key in ("architecture", "classes", "mpp", "normalization"):
+        if key not in meta:
+            raise ModelError(f"{path.with_suffix('.json')}: sidecar lacks the field {key!r}")
+    net = build_model(meta["architecture"], **meta.get("arch_kwargs", {}))
+    state = load_file(str(path))
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ModelError(
+            f"{path}: weights do not fit architecture {meta['architecture']!r} "
+            f"(missing {len(missing)}, unexpected {len(unexpected)} tensors)"
+        )
+    net.eval()
+    return LoadedModel(net, meta)

@@ -1,0 +1,270 @@
+"""run_slide(): reader -> tissue mask -> tile grid -> block reads -> model -> blending -> OME-Zarr.
+
+The only module that knows all the pieces. Outputs for a slide, in ``out_dir``:
+``probabilities.zarr`` (see :mod:`wsiseg.store`), ``summary.json`` (written last: its presence
+with ``complete: true`` means the run finished), ``progress.json`` (for resuming),
+``thumbnail.png`` and ``tissue.png``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+import wsiseg
+from wsiseg.blend import BandBlender
+from wsiseg.predict import Predictor
+from wsiseg.schedule import BlockPrefetcher
+from wsiseg.slide import ScaledView, SlideError, open_slide
+from wsiseg.store import ProbabilityStore, atomic_write_json
+from wsiseg.tiling import TileGrid, blocks
+from wsiseg.tissue import tissue_mask
+
+log = logging.getLogger("wsiseg")
+
+# Everything run_slide writes into an output folder (so a half-made folder can be cleaned).
+OUTPUT_NAMES = {"probabilities.zarr", "summary.json", "summary.json.tmp", "progress.json", "progress.json.tmp",
+                "thumbnail.png", "tissue.png"}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    tile: int = 256
+    overlap: float = 0.5
+    batch_size: int = 8
+    workers: int = 2
+    mpp: float | None = None  # resolution of inputs that carry none
+    window: str = "hann"
+    chunk: int = 512
+    block_tiles: int = 8
+    thumbnail_size: int = 2048
+    tissue: bool = True  # False: every tile is inferred
+    overwrite: bool = False
+
+
+@dataclass
+class SlideResult:
+    path: Path
+    out_dir: Path
+    status: str  # ok | resumed | skipped | no_tissue | error
+    message: str = ""
+    summary: dict = field(default_factory=dict)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _params(cfg: RunConfig, predictor: Predictor, view: ScaledView, path: Path) -> dict:
+    return {
+        "input": path.name,
+        "input_bytes": path.stat().st_size,
+        "model": predictor.model.id,
+        "tile": cfg.tile,
+        "overlap": cfg.overlap,
+        "window": cfg.window,
+        "chunk": cfg.chunk,
+        "mpp": round(view.mpp, 6),
+        "shape": list(view.shape),
+        "tissue": cfg.tissue,
+    }
+
+
+def _existing_state(out_dir: Path, params: dict) -> tuple[str, int]:
+    """('complete' | 'partial' | 'none' | 'mismatch', bands_done) for an output folder."""
+    summary = out_dir / "summary.json"
+    progress = out_dir / "progress.json"
+    store = out_dir / "probabilities.zarr"
+    if not progress.exists() or not store.exists():
+        # A run killed before its first progress record: only our own files may be there.
+        foreign = [p for p in out_dir.iterdir() if p.name not in OUTPUT_NAMES] if out_dir.exists() else []
+        return ("mismatch" if foreign else "none"), 0
+    try:
+        prog = json.loads(progress.read_text())
+    except (json.JSONDecodeError, OSError):
+        return "mismatch", 0
+    if prog.get("params") != params:
+        return "mismatch", 0
+    if summary.exists():
+        try:
+            if json.loads(summary.read_text()).get("complete"):
+                return "complete", int(prog.get("bands_done", 0))
+        except (json.JSONDecodeError, OSError):
+            pass
+    return "partial", int(prog.get("bands_done", 0))
+
+
+def run_slide(path: str | Path, out_dir: str | Path, predictor: Predictor, cfg: RunConfig = RunConfig(),
+              progress: Callable[[int], None] | None = None, progress_total: Callable[[int], None] | None = None) -> SlideResult:
+    """Segment one slide or image into ``out_dir``. Raises :class:`SlideError` for bad input.
+
+    ``progress(n)`` is called with the number of tiles finished since the last call;
+    ``progress_total(n)`` once with the number of tiles this run will infer.
+    """
+    path, out_dir = Path(path), Path(out_dir)
+    t_start = time.perf_counter()
+    times: dict[str, float] = {}
+    reader = open_slide(path, cfg.mpp)
+    try:
+        view = ScaledView.create(reader, predictor.model.mpp)
+        times["open"] = time.perf_counter() - t_start
+
+        t = time.perf_counter()
+        thumb = reader.thumbnail(min(cfg.thumbnail_size, max(reader.level_dimensions[0])))
+        mask = tissue_mask(thumb) if cfg.tissue else np.ones(thumb.shape[:2], bool)
+        grid = TileGrid(view.shape, cfg.tile, cfg.overlap)
+        keep = grid.tissue_tiles(mask)
+        times["tissue"] = time.perf_counter() - t
+
+        params = _params(cfg, predictor, view, path)
+        state, bands_done = _existing_state(out_dir, params)
+        if state == "none" and out_dir.exists():
+            shutil.rmtree(out_dir)
+        if cfg.overwrite or state == "mismatch":
+            if state == "mismatch" and not cfg.overwrite:
+                if any(out_dir.iterdir()):
+                    raise SlideError(
+                        f"{path}: {out_dir} holds output of a different run (other model, tile, "
+                        "overlap or input); use --overwrite to replace it or -o for another folder"
+                    )
+            shutil.rmtree(out_dir, ignore_errors=True)
+            state, bands_done = "none", 0
+        if state == "complete":
+            summary = json.loads((out_dir / "summary.json").read_text())
+            return SlideResult(path, out_dir, "skipped", "already complete (use --overwrite to redo)", summary)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        store_path = out_dir / "probabilities.zarr"
+        channels = predictor.channels
+        attrs = {
+            "version": wsiseg.__version__,
+            "mpp": view.mpp,
+            "slide_mpp": reader.mpp,
+            "scale_from_level0": view.scale,  # slide level-0 px per stored level-0 px
+            "pyramid_level_read": view.level,
+            "model": predictor.model.id,
+            "model_mpp": predictor.model.mpp,
+            "classes": channels,
+            "tile": cfg.tile,
+            "overlap": cfg.overlap,
+            "stride": grid.stride,
+            "window": cfg.window,
+            "source": str(path.name),
+            "slide_dimensions": list(reader.level_dimensions[0]),
+            "params": params,
+        }
+        if state == "partial":
+            store = ProbabilityStore.open_existing(store_path)
+            log.info("%s: resuming: %d of %d bands already written", path.name, bands_done, -(-view.shape[0] // cfg.chunk))
+        else:
+            store = ProbabilityStore.create(store_path, view.shape, channels, view.mpp, attrs, cfg.chunk)
+            Image.fromarray(thumb).save(out_dir / "thumbnail.png")
+            Image.fromarray((mask * 255).astype(np.uint8)).save(out_dir / "tissue.png")
+
+        blender = BandBlender(view.shape, len(channels), cfg.tile, cfg.chunk, cfg.window, first_band=bands_done)
+        first_row_px = bands_done * cfg.chunk
+        start_row = int(np.searchsorted(grid.ys + cfg.tile, first_row_px, side="right"))
+        todo = blocks(grid, keep, cfg.block_tiles, start_row)
+        n_todo = sum(len(b.cols) for b in todo)
+        if progress_total:
+            progress_total(n_todo)
+        n_tissue = int(keep.sum())
+
+        t_infer = t_blend = t_write = t_wait = 0.0
+        ys = grid.ys
+
+        def write_ready(final_row: int) -> None:
+            nonlocal t_write
+            for b, probs in blender.release(final_row):
+                tw = time.perf_counter()
+                store.write_band(b, probs)
+                t_write += time.perf_counter() - tw
+
+        batch: list[np.ndarray] = []
+        where: list[tuple[int, int]] = []
+
+        def flush() -> None:
+            nonlocal t_infer, t_blend
+            if not batch:
+                return
+            ti = time.perf_counter()
+            probs = predictor(np.stack(batch))
+            t_infer += time.perf_counter() - ti
+            tb = time.perf_counter()
+            for p, (y, x) in zip(probs, where):
+                blender.add(p, y, x)
+            t_blend += time.perf_counter() - tb
+            if progress:
+                progress(len(batch))
+            batch.clear()
+            where.clear()
+
+        t_loop = time.perf_counter()
+        prefetch = BlockPrefetcher(view, todo, workers=cfg.workers, max_in_flight=2 * max(1, cfg.workers) + 2)
+        frontier = start_row
+        tw0 = time.perf_counter()
+        for blk, pixels in prefetch:
+            t_wait += time.perf_counter() - tw0
+            if blk.row != frontier:
+                # Every tile of rows < blk.row is queued: once they are blended, rows above
+                # ys[blk.row] are final.
+                flush()
+                frontier = blk.row
+                write_ready(int(ys[frontier]))
+            for c in blk.cols:
+                x = int(grid.xs[c]) - blk.x
+                batch.append(pixels[:, x : x + cfg.tile])
+                where.append((blk.y, int(grid.xs[c])))
+                if len(batch) >= cfg.batch_size:
+                    flush()
+            tw0 = time.perf_counter()
+        flush()
+        write_ready(view.shape[0])
+        times["read"] = prefetch.read_seconds
+        times["read_wait"] = t_wait
+        times["infer"] = t_infer
+        times["blend"] = t_blend
+        times["write"] = t_write
+        times["tiles_loop"] = time.perf_counter() - t_loop
+
+        t = time.perf_counter()
+        store.build_pyramid()
+        times["pyramid"] = time.perf_counter() - t
+        total = time.perf_counter() - t_start
+        times["total"] = total
+        status = "no_tissue" if n_tissue == 0 else ("resumed" if state == "partial" else "ok")
+        summary = {
+            "complete": True,
+            "status": status,
+            "input": str(path),
+            "output": str(store_path),
+            "tiles_total": grid.n_tiles,
+            "tiles_with_tissue": n_tissue,
+            "tiles_inferred_this_run": n_todo,
+            "tissue_fraction": float(mask.mean()),
+            "seconds": {k: round(v, 3) for k, v in times.items()},
+            "tiles_per_second": round(n_todo / total, 2) if total > 0 else None,
+            "device": str(predictor.device),
+            "torch_threads": __import__("torch").get_num_threads(),
+            "model": predictor.model.id,
+            "mpp": view.mpp,
+            "slide_mpp": reader.mpp,
+            "shape": list(view.shape),
+            "channels": channels,
+            "config": asdict(cfg),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "wsiseg_version": wsiseg.__version__,
+        }
+        store.mark_complete({"tiles_with_tissue": n_tissue, "tissue_fraction": float(mask.mean())})
+        atomic_write_json(out_dir / "summary.json", summary)
+        msg = "no tissue found: wrote an empty (all-zero) probability map" if n_tissue == 0 else ""
+        return SlideResult(path, out_dir, status, msg, summary)
+    finally:
+        reader.close()

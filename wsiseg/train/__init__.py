@@ -1,0 +1,1 @@
+"""Training of the segmentation networks: datasets, losses, augmentation, the loop."""

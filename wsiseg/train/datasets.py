@@ -1,0 +1,91 @@
+"""Loaders for the nuclei data sets in ../shared/data, resampled to the model's resolution.
+
+Every loader returns a list of :class:`Sample`: an RGB uint8 image (H, W, 3) and a binary
+nucleus mask (H, W) uint8 in {0, 1}, both at ``target_mpp`` micrometres per pixel, plus the
+instance map (H, W) int32 when the data set has one.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+MONUSEG_MPP = 0.25
+
+# MoNuSeg 2018 training images by organ (TCGA tissue source sites), for a split by image.
+MONUSEG_ORGANS = {
+    "breast": ["TCGA-A7-A13E", "TCGA-A7-A13F", "TCGA-AR-A1AK", "TCGA-AR-A1AS", "TCGA-E2-A14V", "TCGA-E2-A1B5"],
+    "kidney": ["TCGA-B0-5698", "TCGA-B0-5710", "TCGA-B0-5711", "TCGA-HE-7128", "TCGA-HE-7129", "TCGA-HE-7130"],
+    "liver": ["TCGA-18-5592", "TCGA-21-5784", "TCGA-21-5786", "TCGA-38-6178", "TCGA-49-4488", "TCGA-50-5931"],
+    "prostate": ["TCGA-CH-5767", "TCGA-G9-6336", "TCGA-G9-6348", "TCGA-G9-6356", "TCGA-G9-6362", "TCGA-G9-6363"],
+    "bladder": ["TCGA-DK-A2I6", "TCGA-G2-A2EK"],
+    "colon": ["TCGA-AY-A8YK", "TCGA-NH-A8F7"],
+    "stomach": ["TCGA-KB-A93J", "TCGA-RD-A8N9"],
+}
+# Validation split: the first image of each organ (7 of 30), never seen in training.
+MONUSEG_VAL = [ids[0] for ids in MONUSEG_ORGANS.values()]
+
+
+@dataclass
+class Sample:
+    name: str
+    image: np.ndarray  # (H, W, 3) uint8 RGB at the target mpp
+    mask: np.ndarray  # (H, W) uint8 {0, 1}
+    instances: np.ndarray | None = None  # (H, W) int32 ids, 0 = background
+
+
+def resample(img: np.ndarray, scale: float, nearest: bool = False) -> np.ndarray:
+    """Resize by ``scale`` (output/input); area averaging when shrinking, nearest for labels."""
+    if scale == 1.0:
+        return img
+    h, w = img.shape[:2]
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    interp = cv2.INTER_NEAREST if nearest else (cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    return cv2.resize(img, size, interpolation=interp)
+
+
+def load_monuseg(root: str | Path, target_mpp: float, names: list[str] | None = None) -> list[Sample]:
+    """Load MoNuSeg images (``images/``, ``masks/``, ``instances/``) at ``target_mpp``.
+
+    ``names`` selects images by id prefix (e.g. ``TCGA-A7-A13E``); None loads all.
+    The mask is re-derived from the resampled mask by a 0.5 threshold of its area average,
+    so a nucleus keeps its area when shrunk.
+    """
+    root = Path(root)
+    files = sorted((root / "images").glob("*.png"))
+    if not files:
+        raise FileNotFoundError(f"{root}: no images/*.png (expected the MoNuSeg layout)")
+    scale = MONUSEG_MPP / target_mpp
+    out = []
+    for f in files:
+        if names is not None and not any(f.stem.startswith(n) for n in names):
+            continue
+        img = np.asarray(Image.open(f).convert("RGB"))
+        mask = (np.asarray(Image.open(root / "masks" / f.name)) > 0).astype(np.float32)
+        inst = np.asarray(Image.open(root / "instances" / f.name)).astype(np.int32)
+        img = resample(img, scale)
+        mask = (resample(mask, scale) >= 0.5).astype(np.uint8)
+        inst = resample(inst, scale, nearest=True)
+        out.append(Sample(f.stem, np.ascontiguousarray(img), mask, inst))
+    return out
+
+
+def split_monuseg(root: str | Path, target_mpp: float) -> tuple[list[Sample], list[Sample]]:
+    """(train, val) by image: validation is :data:`MONUSEG_VAL`, one image per organ."""
+    all_ids = [i for ids in MONUSEG_ORGANS.values() for i in ids]
+    train_ids = [i for i in all_ids if i not in MONUSEG_VAL]
+    return load_monuseg(root, target_mpp, train_ids), load_monuseg(root, target_mpp, MONUSEG_VAL)
+
+
+def data_hash(samples: list[Sample]) -> str:
+    """A short SHA-256 over names and pixels: stored with the weights to identify the data."""
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(s.name.encode())
+        h.update(s.image.tobytes())
+        h.update(s.mask.tobytes())
+    return h.hexdigest()[:16]
