@@ -138,6 +138,32 @@ def cmd_models(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from wsiseg.evaluate import evaluate_monuseg
+    from wsiseg.models.registry import ModelError, load_model
+    from wsiseg.predict import Predictor
+
+    try:
+        model = load_model(args.model)
+    except ModelError as e:
+        print(f"wsiseg: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    res = evaluate_monuseg(Predictor(model, args.device), args.data)
+    res["model"] = model.id
+    print(f"{'image':32s} {'Dice@model':>10s} {'Dice@native':>11s}")
+    for name, m in res["per_image"].items():
+        print(f"{name:32s} {m['model_mpp']['dice']:10.4f} {m['native']['dice']:11.4f}")
+    for k in ("model_mpp", "native"):
+        p = res["pooled"][k]
+        print(f"pooled @{k}: Dice {p['dice']:.4f} Jaccard {p['jaccard']:.4f} precision {p['precision']:.4f} "
+              f"recall {p['recall']:.4f} accuracy {p['accuracy']:.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     from wsiseg import __version__
 
@@ -170,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", default=None)
     t.add_argument("--out", default=None)
     t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="pixel Dice/Jaccard of a model on the MoNuSeg validation split, through the engine")
+    e.add_argument("--model", default=None)
+    e.add_argument("--data", default="../shared/data/monuseg/train")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--json", default=None, help="write the metrics here")
+    e.set_defaults(func=cmd_eval)
 
     m = sub.add_parser("models", help="list the shipped models")
     m.set_defaults(func=cmd_models)

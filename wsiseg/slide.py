@@ -7,6 +7,7 @@ slide at the model's resolution, addressed in *model pixels*, returning RGB uint
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -118,7 +119,8 @@ class ImageReader:
 
         Image.MAX_IMAGE_PIXELS = None  # large plain images are legitimate input
         try:
-            with Image.open(path) as im:
+            with warnings.catch_warnings(), Image.open(path) as im:
+                warnings.simplefilter("ignore")
                 mpp = _pil_mpp(im)
                 im.load()
                 if im.mode in ("RGBA", "LA", "P"):
@@ -183,6 +185,11 @@ def open_slide(path: str | Path, mpp: float | None = None) -> SlideReader:
         try:
             reader = OpenSlideReader(path)
         except openslide.OpenSlideUnsupportedFormatError:
+            if path.suffix.lower() not in {".tif", ".tiff"}:
+                raise SlideError(
+                    f"{path}: not a slide or image that can be read: OpenSlide does not recognise it "
+                    "(the file is damaged, truncated or of another format)"
+                ) from None
             reader = None
     if reader is None:
         reader = ImageReader.open(path)

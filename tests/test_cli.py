@@ -1,0 +1,130 @@
+"""`wsiseg run` end to end: the sample slide, folders, and every kind of bad input."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import zarr
+
+from tests.conftest import SAMPLE_SVS, write_png
+from wsiseg.cli import main
+
+
+def run_cli(*args, capsys=None):
+    code = main(["run", "-q", *map(str, args)])
+    out = capsys.readouterr() if capsys else None
+    return code, out
+
+
+def test_bad_inputs_get_clear_messages_and_good_ones_still_run(tmp_path, monuseg_image, tiny_unet_path, capsys):
+    good = write_png(tmp_path / "good.png", monuseg_image[:300, :300])
+    missing = tmp_path / "missing.svs"
+    text = tmp_path / "notes.svs"
+    text.write_text("this is not a slide\n" * 50)
+    truncated = tmp_path / "truncated.svs"
+    truncated.write_bytes(SAMPLE_SVS.read_bytes()[: SAMPLE_SVS.stat().st_size // 3])
+    empty = tmp_path / "empty.tif"
+    empty.write_bytes(b"")
+    out = tmp_path / "out"
+    code, res = run_cli(missing, text, truncated, empty, good, "--mpp", "0.5", "--model", tiny_unet_path, "-o", out,
+                        capsys=capsys)
+    assert code == 1
+    err = res.err
+    assert "Traceback" not in err and "Traceback" not in res.out
+    assert f"{missing}: no such file" in err
+    assert f"{text}: not a slide or image" in err
+    assert f"{truncated}:" in err and ("damaged" in err or "truncated" in err or "not a slide" in err)
+    assert f"{empty}: the file is empty" in err
+    assert "4 input(s) failed" in err
+    # the good input was processed completely, and no failed input left a complete-looking output
+    assert json.loads((out / "good" / "summary.json").read_text())["complete"] is True
+    for name in ("missing", "notes", "truncated", "empty"):
+        assert not (out / name / "summary.json").exists()
+
+
+def test_no_tissue_writes_an_empty_result(tmp_path, tiny_unet_path, capsys):
+    blank = write_png(tmp_path / "glass.png", np.full((400, 500, 3), 242, np.uint8))
+    code, res = run_cli(blank, "--mpp", "0.5", "--model", tiny_unet_path, "-o", tmp_path / "out", capsys=capsys)
+    assert code == 0
+    assert "no tissue" in res.err and "glass.png" in res.err
+    s = json.loads((tmp_path / "out" / "glass" / "summary.json").read_text())
+    assert s["status"] == "no_tissue" and s["tiles_with_tissue"] == 0 and s["complete"]
+    m = zarr.open_group(str(tmp_path / "out" / "glass" / "probabilities.zarr"), mode="r")["0"]
+    assert m.shape == (1, 400, 500) and int(m[:].max()) == 0
+
+
+def test_image_smaller_than_a_tile_is_padded_and_processed(tmp_path, monuseg_image, tiny_unet_path, capsys):
+    small = write_png(tmp_path / "tiny.png", monuseg_image[:90, :70])
+    code, _ = run_cli(small, "--mpp", "0.5", "--model", tiny_unet_path, "-o", tmp_path / "out", capsys=capsys)
+    assert code == 0
+    m = zarr.open_group(str(tmp_path / "out" / "tiny" / "probabilities.zarr"), mode="r")["0"][:]
+    assert m.shape == (1, 90, 70) and m.max() > 0
+
+
+def test_plain_image_without_mpp_is_an_error_that_says_so(tmp_path, monuseg_image, tiny_unet_path, capsys):
+    p = write_png(tmp_path / "patch.png", monuseg_image[:200, :200])
+    code, res = run_cli(p, "--model", tiny_unet_path, "-o", tmp_path / "out", capsys=capsys)
+    assert code == 1 and "patch.png" in res.err and "--mpp" in res.err
+
+
+def test_folder_input_and_rerun_skips_finished_work(tmp_path, monuseg_image, tiny_unet_path, capsys):
+    d = tmp_path / "slides"
+    d.mkdir()
+    write_png(d / "a.png", monuseg_image[:300, :260])
+    write_png(d / "b.png", monuseg_image[300:600, :260])
+    (d / "readme.txt").write_text("ignored")
+    out = tmp_path / "out"
+    code, res = run_cli(d, "--mpp", "0.5", "--model", tiny_unet_path, "-o", out, capsys=capsys)
+    assert code == 0 and (out / "a" / "summary.json").exists() and (out / "b" / "summary.json").exists()
+    code, res = run_cli(d, "--mpp", "0.5", "--model", tiny_unet_path, "-o", out, capsys=capsys)
+    assert code == 0 and res.out.count("already complete") == 2
+    # other parameters into the same folder: refused unless --overwrite
+    code, res = run_cli(d / "a.png", "--mpp", "0.5", "--tile", "128", "--model", tiny_unet_path, "-o", out, capsys=capsys)
+    assert code == 1 and "--overwrite" in res.err
+    code, res = run_cli(d / "a.png", "--mpp", "0.5", "--tile", "128", "--model", tiny_unet_path, "-o", out,
+                        "--overwrite", capsys=capsys)
+    assert code == 0
+    assert json.loads((out / "a" / "summary.json").read_text())["config"]["tile"] == 128
+
+
+def test_unknown_model_is_a_usage_error(tmp_path, capsys):
+    code, res = run_cli(SAMPLE_SVS, "--model", "no-such-model", "-o", tmp_path, capsys=capsys)
+    assert code == 2 and "no-such-model" in res.err and "not found" in res.err
+
+
+@pytest.mark.slow
+def test_sample_slide_end_to_end_with_the_shipped_model(tmp_path):
+    """The README's command, as a user runs it, in a subprocess."""
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, "-m", "wsiseg.cli", "run", "--sample", "-o", str(out)],
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr
+    assert "CMU-1-Small-Region.svs:" in p.stdout and "tiles/s" in p.stdout
+    d = out / "CMU-1-Small-Region"
+    s = json.loads((d / "summary.json").read_text())
+    assert s["complete"] and s["tiles_with_tissue"] > 100 and s["tiles_per_second"] > 0
+    assert 0.2 < s["tissue_fraction"] < 0.7
+    g = zarr.open_group(str(d / "probabilities.zarr"), mode="r")
+    ms = g.attrs["multiscales"][0]
+    assert [a["name"] for a in ms["axes"]] == ["c", "y", "x"]
+    assert g.attrs["omero"]["channels"][0]["label"] == "nucleus"
+    w = g.attrs["wsiseg"]
+    assert w["complete"] and w["mpp"] == pytest.approx(0.499) and w["tile"] == 256 and w["overlap"] == 0.5
+    assert w["scale_from_level0"] == pytest.approx(1.0) and w["model"]
+    lv0 = g["0"]
+    assert lv0.shape == (1, 2967, 2220) and lv0.dtype == np.uint8
+    assert len(ms["datasets"]) >= 3 and g["1"].shape == (1, 1484, 1110)
+    m = lv0[0]
+    nuclei = m > 127
+    # real nuclei: a plausible share of the tissue, in many separate blobs
+    import cv2
+
+    tissue = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(d / "tissue.png").resize((2220, 2967))) > 0
+    frac = nuclei[tissue].mean()
+    assert 0.03 < frac < 0.6, frac
+    n_blobs = cv2.connectedComponents(nuclei.astype(np.uint8))[0] - 1
+    assert n_blobs > 500, n_blobs

@@ -1,0 +1,91 @@
+"""Interrupted runs: never look complete, and resume without redoing finished bands."""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import signal
+
+import numpy as np
+import pytest
+import zarr
+
+from tests.conftest import write_png
+from wsiseg.models import load_model
+from wsiseg.pipeline import RunConfig, run_slide
+from wsiseg.predict import Predictor
+
+CFG = RunConfig(mpp=0.5, chunk=128, tissue=False)
+
+
+def _map(d):
+    return zarr.open_group(str(d / "probabilities.zarr"), mode="r")["0"][:]
+
+
+def _looks_complete(d) -> bool:
+    if (d / "summary.json").exists():
+        return True
+    g = zarr.open_group(str(d / "probabilities.zarr"), mode="r")
+    return bool(g.attrs["wsiseg"].get("complete"))
+
+
+@pytest.fixture()
+def image_path(tmp_path, monuseg_image):
+    return write_png(tmp_path / "img.png", monuseg_image[:900, :500])
+
+
+def _kill_after(image_path, out, model_path, n_tiles):
+    """Child process: run, and SIGKILL itself after ``n_tiles`` tiles (a real kill -9)."""
+    pred = Predictor(load_model(model_path), "cpu", threads=1)
+    done = [0]
+
+    def progress(n):
+        done[0] += n
+        if done[0] >= n_tiles:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    run_slide(image_path, out, pred, CFG, progress=progress)
+
+
+def test_kill_9_never_looks_complete_and_resume_matches_a_clean_run(tmp_path, image_path, tiny_unet_path):
+    ref = run_slide(image_path, tmp_path / "ref", Predictor(load_model(tiny_unet_path), "cpu"), CFG)
+    assert ref.status == "ok"
+    total = ref.summary["tiles_inferred_this_run"]
+
+    out = tmp_path / "killed"
+    ctx = mp.get_context("fork")
+    p = ctx.Process(target=_kill_after, args=(image_path, out, tiny_unet_path, total // 2))
+    p.start()
+    p.join(120)
+    assert p.exitcode == -signal.SIGKILL
+    assert not _looks_complete(out)
+    done = json.loads((out / "progress.json").read_text())["bands_done"]
+    assert 0 < done < -(-900 // 128)
+
+    res = run_slide(image_path, out, Predictor(load_model(tiny_unet_path), "cpu"), CFG)
+    assert res.status == "resumed"
+    assert 0 < res.summary["tiles_inferred_this_run"] < total
+    assert _looks_complete(out)
+    a, b = _map(ref.out_dir).astype(int), _map(out).astype(int)
+    assert np.abs(a - b).max() <= 1  # same map (uint8 rounding of float sums aside)
+
+
+def test_interrupt_in_process_then_resume(tmp_path, image_path, tiny_unet_path):
+    pred = Predictor(load_model(tiny_unet_path), "cpu")
+    out = tmp_path / "out"
+    seen = [0]
+
+    def progress(n):
+        seen[0] += n
+        if seen[0] >= 12:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_slide(image_path, out, pred, CFG, progress=progress)
+    assert not _looks_complete(out)
+    res = run_slide(image_path, out, pred, CFG)
+    assert res.status == "resumed" and _looks_complete(out)
+    again = run_slide(image_path, out, pred, CFG)
+    assert again.status == "skipped"
+    ov = run_slide(image_path, out, pred, RunConfig(**{**CFG.__dict__, "overwrite": True}))
+    assert ov.status == "ok"
