@@ -128,3 +128,21 @@ def test_sample_slide_end_to_end_with_the_shipped_model(tmp_path):
     assert 0.03 < frac < 0.6, frac
     n_blobs = cv2.connectedComponents(nuclei.astype(np.uint8))[0] - 1
     assert n_blobs > 500, n_blobs
+
+
+def test_truncated_pyramidal_tiff_is_reported(tmp_path, monuseg_image, tiny_unet_path, capsys):
+    from tests.conftest import write_pyramid
+
+    full = write_pyramid(tmp_path / "full.tif", np.ascontiguousarray(np.tile(monuseg_image, (2, 2, 1))), 0.25, 3)
+    data = full.read_bytes()
+    bad = []
+    for frac in (0.3, 0.95):
+        p = tmp_path / f"cut{int(frac * 100)}.tif"
+        p.write_bytes(data[: int(len(data) * frac)])
+        bad.append(p)
+    code, res = run_cli(*bad, "--model", tiny_unet_path, "-o", tmp_path / "out", capsys=capsys)
+    assert code == 1 and "Traceback" not in res.err
+    for p in bad:
+        line = next(l for l in res.err.splitlines() if str(p) in l)
+        assert "damaged" in line or "truncated" in line, line
+        assert not (tmp_path / "out" / p.stem / "summary.json").exists()

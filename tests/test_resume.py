@@ -54,7 +54,7 @@ def test_kill_9_never_looks_complete_and_resume_matches_a_clean_run(tmp_path, im
 
     out = tmp_path / "killed"
     ctx = mp.get_context("fork")
-    p = ctx.Process(target=_kill_after, args=(image_path, out, tiny_unet_path, total // 2))
+    p = ctx.Process(target=_kill_after, args=(image_path, out, tiny_unet_path, 3 * total // 4))
     p.start()
     p.join(120)
     assert p.exitcode == -signal.SIGKILL

@@ -65,6 +65,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     out_root = Path(args.output)
     failed = len(errors)
+    if args.cluster or args.scheduler:
+        return failed_code(failed + _run_cluster(args, files, out_root, cfg))
     for f, name in zip(files, _out_names(files)):
         bar = tqdm(total=0, unit="tile", desc=f.name, disable=None if not args.quiet else True, leave=False,
                    dynamic_ncols=True)
@@ -91,21 +93,53 @@ def cmd_run(args: argparse.Namespace) -> int:
             failed += 1
             continue
         bar.close()
-        s = res.summary
-        if res.status == "skipped":
-            print(f"{f.name}: {res.message}: {res.out_dir}")
-            continue
-        note = {"resumed": " (resumed)", "no_tissue": " (no tissue)"}.get(res.status, "")
-        print(
-            f"{f.name}: {s['tiles_inferred_this_run']} tiles ({s['tiles_with_tissue']}/{s['tiles_total']} with tissue) "
-            f"in {s['seconds']['total']:.1f} s, {s['tiles_per_second']} tiles/s on {s['device']}{note} -> {res.out_dir}"
-        )
-        if res.message:
-            print(f"wsiseg: warning: {f}: {res.message}", file=sys.stderr)
+        _report(f, res.status, res.message, res.summary, res.out_dir)
+    return failed_code(failed)
+
+
+def failed_code(failed: int) -> int:
     if failed:
         print(f"wsiseg: {failed} input(s) failed", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _report(f: Path, status: str, message: str, s: dict, out_dir: Path) -> None:
+    """The one-line summary of an input."""
+    if status == "skipped":
+        print(f"{f.name}: {message}: {out_dir}")
+        return
+    note = {"resumed": " (resumed)", "no_tissue": " (no tissue)"}.get(status, "")
+    print(
+        f"{f.name}: {s['tiles_inferred_this_run']} tiles ({s['tiles_with_tissue']}/{s['tiles_total']} with tissue) "
+        f"in {s['seconds']['total']:.1f} s, {s['tiles_per_second']} tiles/s on {s['device']}{note} -> {out_dir}"
+    )
+    if message:
+        print(f"wsiseg: warning: {f}: {message}", file=sys.stderr)
+
+
+def _run_cluster(args: argparse.Namespace, files: list[Path], out_root: Path, cfg) -> int:
+    """Spread the inputs over Dask workers; returns the number that failed."""
+    from wsiseg.cluster import make_client, run_distributed
+
+    model = args.model
+    if model is not None and (Path(model).exists() or Path(model + ".safetensors").exists()):
+        model = str(Path(model).resolve())
+    jobs = [(f.resolve(), (out_root / name).resolve()) for f, name in zip(files, _out_names(files))]
+    failed = 0
+    try:
+        client = make_client(args.cluster, args.scheduler)
+    except (ValueError, OSError) as e:
+        print(f"wsiseg: error: {e}", file=sys.stderr)
+        return len(files)
+    with client:
+        for r in run_distributed(client, jobs, model, args.device, cfg, args.threads):
+            if r["status"] == "error":
+                print(f"wsiseg: error: {r['message']}", file=sys.stderr)
+                failed += 1
+            else:
+                _report(Path(r["path"]), r["status"], r["message"], r["summary"], Path(r["out_dir"]))
+    return failed
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -188,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-tissue-mask", action="store_true", help="infer every tile, background too")
     r.add_argument("--overwrite", action="store_true", help="discard existing output and start again")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--cluster", default=None, help="local:N: spread inputs over N Dask worker processes")
+    r.add_argument("--scheduler", default=None, help="address of a running Dask scheduler (tcp://HOST:PORT)")
     r.set_defaults(func=cmd_run)
 
     t = sub.add_parser("train", help="train a segmentation model from a YAML config")

@@ -208,22 +208,18 @@ def run_slide(path: str | Path, out_dir: str | Path, predictor: Predictor, cfg: 
 
         t_loop = time.perf_counter()
         prefetch = BlockPrefetcher(view, todo, workers=cfg.workers, max_in_flight=2 * max(1, cfg.workers) + 2)
-        frontier = start_row
         tw0 = time.perf_counter()
         for blk, pixels in prefetch:
             t_wait += time.perf_counter() - tw0
-            if blk.row != frontier:
-                # Every tile of rows < blk.row is queued: once they are blended, rows above
-                # ys[blk.row] are final.
-                flush()
-                frontier = blk.row
-                write_ready(int(ys[frontier]))
             for c in blk.cols:
                 x = int(grid.xs[c]) - blk.x
                 batch.append(pixels[:, x : x + cfg.tile])
                 where.append((blk.y, int(grid.xs[c])))
                 if len(batch) >= cfg.batch_size:
                     flush()
+                    # Blocks come in row order and the batch is empty: every tile of the rows
+                    # before this block's is blended, so image rows above ys[blk.row] are final.
+                    write_ready(int(ys[blk.row]))
             tw0 = time.perf_counter()
         flush()
         write_ready(view.shape[0])

@@ -128,8 +128,10 @@ class ImageReader:
                     bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
                     im = Image.alpha_composite(bg, im)
                 arr = np.asarray(im.convert("RGB"))
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        except UnidentifiedImageError as e:
             raise SlideError(f"{path}: not a slide or image that can be read ({e})") from None
+        except (OSError, SyntaxError, ValueError) as e:
+            raise SlideError(f"{path}: the image could not be decoded; the file is damaged or truncated ({e})") from None
         if arr.ndim != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
             raise SlideError(f"{path}: image has no pixels")
         return cls(path, np.ascontiguousarray(arr), mpp)

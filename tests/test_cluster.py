@@ -1,0 +1,77 @@
+"""Scale-out on a LocalCluster of 2 processes on loopback."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import numpy as np
+import pytest
+import zarr
+
+from tests.conftest import write_png
+from wsiseg.cli import main
+
+distributed = pytest.importorskip("distributed")
+
+
+def _map(d):
+    return zarr.open_group(str(d / "probabilities.zarr"), mode="r")["0"][:]
+
+
+@pytest.mark.slow
+def test_cluster_results_equal_single_process(tmp_path, monuseg_image, tiny_unet_path, capsys):
+    d = tmp_path / "in"
+    d.mkdir()
+    for i in range(3):
+        write_png(d / f"img{i}.png", np.ascontiguousarray(np.rot90(monuseg_image[:400, :500], i)))
+    args = [str(d), "--mpp", "0.5", "--model", str(tiny_unet_path)]
+    assert main(["run", "-q", *args, "-o", str(tmp_path / "single")]) == 0
+    assert main(["run", "-q", *args, "-o", str(tmp_path / "multi"), "--cluster", "local:2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("tiles/s") == 6
+    for i in range(3):
+        np.testing.assert_array_equal(_map(tmp_path / "single" / f"img{i}"), _map(tmp_path / "multi" / f"img{i}"))
+
+
+def _dies_once(path, out_dir, model, cfg, marker):
+    """A slide task whose first attempt SIGKILLs its worker process half-way through."""
+    from wsiseg.cluster import _predictor
+    from wsiseg.pipeline import RunConfig, run_slide
+
+    first = not os.path.exists(marker)
+    if first:
+        open(marker, "w").close()
+    seen = [0]
+
+    def progress(n):
+        seen[0] += n
+        if first and seen[0] >= 16:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    res = run_slide(path, out_dir, _predictor(model, "cpu", 1), RunConfig(**cfg), progress=progress)
+    return res.status
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_slide_loses_nothing(tmp_path, monuseg_image, tiny_unet_path):
+    import cloudpickle
+    from dataclasses import asdict
+
+    from wsiseg.cluster import make_client
+    from wsiseg.models import load_model
+    from wsiseg.pipeline import RunConfig, run_slide
+    from wsiseg.predict import Predictor
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    img = write_png(tmp_path / "big.png", monuseg_image[:900, :600])
+    cfg = RunConfig(mpp=0.5, chunk=128, tissue=False)
+    ref = run_slide(img, tmp_path / "ref", Predictor(load_model(tiny_unet_path), "cpu"), cfg)
+    marker = str(tmp_path / "attempted")
+    with make_client("local:2") as client:
+        fut = client.submit(_dies_once, str(img), str(tmp_path / "dist"), str(tiny_unet_path), asdict(cfg), marker,
+                            pure=False)
+        status = fut.result(timeout=300)
+    assert os.path.exists(marker)
+    assert status == "resumed"  # the retry found the killed attempt's bands and continued
+    assert np.abs(_map(ref.out_dir).astype(int) - _map(tmp_path / "dist").astype(int)).max() <= 1
