@@ -75,3 +75,17 @@ def test_worker_killed_mid_slide_loses_nothing(tmp_path, monuseg_image, tiny_une
     assert os.path.exists(marker)
     assert status == "resumed"  # the retry found the killed attempt's bands and continued
     assert np.abs(_map(ref.out_dir).astype(int) - _map(tmp_path / "dist").astype(int)).max() <= 1
+
+
+@pytest.mark.slow
+def test_one_slide_split_over_workers_equals_single_process(tmp_path, monuseg_image, tiny_unet_path, capsys):
+    img = write_png(tmp_path / "big.png", np.ascontiguousarray(np.tile(monuseg_image, (2, 1, 1))[:1800, :700]))
+    args = ["run", "-q", str(img), "--mpp", "0.5", "--model", str(tiny_unet_path)]
+    assert main([*args, "-o", str(tmp_path / "single")]) == 0
+    assert main([*args, "-o", str(tmp_path / "split"), "--cluster", "local:2", "--split", "3"]) == 0
+    parts = sorted(p.name for p in (tmp_path / "split" / "big").glob("progress-bands-*.json"))
+    assert len(parts) == 3  # 4 bands of 512 rows in 3 ranges, each written by a worker
+    a, b = _map(tmp_path / "single" / "big"), _map(tmp_path / "split" / "big")
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    g = zarr.open_group(str(tmp_path / "split" / "big" / "probabilities.zarr"), mode="r")
+    assert g.attrs["wsiseg"]["complete"]

@@ -35,18 +35,21 @@ def window(tile: int, kind: str = "hann") -> np.ndarray:
 class BandBlender:
     """Weighted accumulation of (C, T, T) tiles into an (C, H, W) image, band by band.
 
-    ``first_band``: bands before it are already written (a resumed run); contributions to
-    them are dropped. Tile coordinates are model px and may reach outside the image.
+    ``first_band``: bands before it are already written (a resumed run) and ``stop_band``: the
+    first band not ours; contributions outside are dropped. Tile coordinates are model px and
+    may reach outside the image.
     """
 
     def __init__(self, shape: tuple[int, int], channels: int, tile: int, band: int,
-                 kind: str = "hann", first_band: int = 0):
+                 kind: str = "hann", first_band: int = 0, stop_band: int | None = None):
         self.H, self.W = shape
         self.C = channels
         self.band = band
         self.win = window(tile, kind)
         self.tile = tile
-        self.n_bands = -(-self.H // band)
+        # Bands [first_band, stop_band) are ours; contributions elsewhere are dropped (resumed
+        # runs, or another process writing the other bands).
+        self.n_bands = -(-self.H // band) if stop_band is None else min(stop_band, -(-self.H // band))
         self.next_band = first_band  # the first band not yet emitted
         self._acc: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -65,7 +68,7 @@ class BandBlender:
         if x1 <= x0:
             return
         y_start = max(y, 0, self.next_band * self.band)
-        y_end = min(y + T, self.H)
+        y_end = min(y + T, self.H, self.n_bands * self.band)
         yy = y_start
         while yy < y_end:
             b = yy // self.band

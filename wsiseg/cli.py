@@ -65,8 +65,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     out_root = Path(args.output)
     failed = len(errors)
+    if args.split and not (args.cluster or args.scheduler):
+        print("wsiseg: error: --split needs --cluster local:N or --scheduler ADDRESS", file=sys.stderr)
+        return EXIT_USAGE
     if args.cluster or args.scheduler:
-        return failed_code(failed + _run_cluster(args, files, out_root, cfg))
+        return failed_code(failed + _run_cluster(args, files, out_root, cfg, predictor))
     for f, name in zip(files, _out_names(files)):
         bar = tqdm(total=0, unit="tile", desc=f.name, disable=None if not args.quiet else True, leave=False,
                    dynamic_ncols=True)
@@ -118,9 +121,11 @@ def _report(f: Path, status: str, message: str, s: dict, out_dir: Path) -> None:
         print(f"wsiseg: warning: {f}: {message}", file=sys.stderr)
 
 
-def _run_cluster(args: argparse.Namespace, files: list[Path], out_root: Path, cfg) -> int:
-    """Spread the inputs over Dask workers; returns the number that failed."""
-    from wsiseg.cluster import make_client, run_distributed
+def _run_cluster(args: argparse.Namespace, files: list[Path], out_root: Path, cfg, predictor) -> int:
+    """Spread the inputs (or, with --split, each input's bands) over Dask workers; returns the
+    number of inputs that failed."""
+    from wsiseg.cluster import make_client, run_distributed, split_band_runner
+    from wsiseg.pipeline import run_slide
 
     model = args.model
     if model is not None and (Path(model).exists() or Path(model + ".safetensors").exists()):
@@ -133,6 +138,17 @@ def _run_cluster(args: argparse.Namespace, files: list[Path], out_root: Path, cf
         print(f"wsiseg: error: {e}", file=sys.stderr)
         return len(files)
     with client:
+        if args.split:
+            for f, o in jobs:
+                runner = split_band_runner(client, f, o, model, args.device, cfg, args.split, args.threads)
+                try:
+                    res = run_slide(f, o, predictor, cfg, band_runner=runner)
+                except SlideError as e:
+                    print(f"wsiseg: error: {e}", file=sys.stderr)
+                    failed += 1
+                    continue
+                _report(f, res.status, res.message, res.summary, res.out_dir)
+            return failed
         for r in run_distributed(client, jobs, model, args.device, cfg, args.threads):
             if r["status"] == "error":
                 print(f"wsiseg: error: {r['message']}", file=sys.stderr)
@@ -224,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     r.add_argument("--cluster", default=None, help="local:N: spread inputs over N Dask worker processes")
     r.add_argument("--scheduler", default=None, help="address of a running Dask scheduler (tcp://HOST:PORT)")
+    r.add_argument("--split", type=int, default=0, metavar="N",
+                   help="with --cluster/--scheduler: cut each slide into N band ranges inferred by the workers in parallel")
     r.set_defaults(func=cmd_run)
 
     t = sub.add_parser("train", help="train a segmentation model from a YAML config")

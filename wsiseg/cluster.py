@@ -3,6 +3,9 @@
 ``wsiseg run slides/*.svs --cluster local:4`` starts a LocalCluster of 4 processes on loopback;
 ``--scheduler tcp://HOST:PORT`` joins an existing scheduler (e.g. one started by dask-jobqueue on
 SLURM). Each worker opens its own slide handles and loads the model once (cached per process).
+``--split N`` instead cuts each slide into N ranges of level-0 bands (Zarr chunk rows) that the
+workers infer and write in parallel: disjoint chunks, one store; tiles that straddle two ranges
+are inferred by both (one tile row per boundary), so the result equals a single-process run.
 A worker that dies mid-slide loses nothing: the scheduler re-runs its task elsewhere and
 ``run_slide`` resumes from the bands already written, so outputs end complete and identical to a
 single-process run.
@@ -72,3 +75,52 @@ def run_distributed(client, jobs: list[tuple[Path, Path]], model: str | None, de
     ]
     for fut in as_completed(futures):
         yield fut.result()
+
+
+def region_task(path: str, out_dir: str, model: str | None, device: str, cfg: dict, threads: int,
+                b0: int, b1: int) -> dict:
+    """Infer and write level-0 bands [b0, b1) of a slide whose store the coordinator created.
+
+    Progress of the range is kept in ``progress-bands-B0-B1.json``, so a re-run task (its
+    worker died) resumes where the range stopped."""
+    import json
+
+    from wsiseg.pipeline import infer_bands, prepare_slide
+    from wsiseg.store import ProbabilityStore
+
+    cfg_ = RunConfig(**cfg)
+    pred = _predictor(model, device, threads)
+    out = Path(out_dir)
+    part = out / f"progress-bands-{b0}-{b1}.json"
+    first = b0
+    if part.exists():
+        first = max(b0, int(json.loads(part.read_text()).get("bands_done", b0)))
+    if first >= b1:
+        return {"tiles": 0}
+    prep = prepare_slide(Path(path), pred.model.mpp, cfg_)
+    try:
+        store = ProbabilityStore.open_existing(out / "probabilities.zarr")
+        return infer_bands(prep.view, prep.grid, prep.keep, pred, store, cfg_, first, b1, progress_file=part)
+    finally:
+        prep.reader.close()
+
+
+def split_band_runner(client, path: Path, out_dir: Path, model: str | None, device: str, cfg: RunConfig,
+                      parts: int, threads: int | None = None) -> Callable[[int, int], dict]:
+    """A ``band_runner`` for :func:`wsiseg.pipeline.run_slide` that spreads band ranges over workers."""
+    n_workers = max(1, len(client.scheduler_info().get("workers", {})) or 1)
+    threads = threads or max(1, (os.cpu_count() or 1) // n_workers)
+
+    def runner(first_band: int, n_bands: int) -> dict:
+        edges = [first_band + round(i * (n_bands - first_band) / parts) for i in range(parts + 1)]
+        ranges = [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+        futs = [client.submit(region_task, str(path), str(out_dir), model, device, asdict(cfg), threads, a, b,
+                              key=f"wsiseg-region-{path.name}-{a}-{b}", pure=False) for a, b in ranges]
+        stats: dict = {}
+        for st in client.gather(futs):
+            for k, v in st.items():
+                stats[k] = stats.get(k, 0) + v
+        stats.setdefault("tiles", 0)
+        return stats
+
+    return runner

@@ -85,7 +85,8 @@ def _existing_state(out_dir: Path, params: dict) -> tuple[str, int]:
     store = out_dir / "probabilities.zarr"
     if not progress.exists() or not store.exists():
         # A run killed before its first progress record: only our own files may be there.
-        foreign = [p for p in out_dir.iterdir() if p.name not in OUTPUT_NAMES] if out_dir.exists() else []
+        foreign = [p for p in out_dir.iterdir() if p.name not in OUTPUT_NAMES and not p.name.startswith("progress-bands-")] \
+            if out_dir.exists() else []
         return ("mismatch" if foreign else "none"), 0
     try:
         prog = json.loads(progress.read_text())
@@ -102,27 +103,131 @@ def _existing_state(out_dir: Path, params: dict) -> tuple[str, int]:
     return "partial", int(prog.get("bands_done", 0))
 
 
-def run_slide(path: str | Path, out_dir: str | Path, predictor: Predictor, cfg: RunConfig = RunConfig(),
-              progress: Callable[[int], None] | None = None, progress_total: Callable[[int], None] | None = None) -> SlideResult:
-    """Segment one slide or image into ``out_dir``. Raises :class:`SlideError` for bad input.
+@dataclass
+class Prepared:
+    """An open slide with its view at the model's resolution, tissue mask and tile grid."""
 
-    ``progress(n)`` is called with the number of tiles finished since the last call;
-    ``progress_total(n)`` once with the number of tiles this run will infer.
-    """
-    path, out_dir = Path(path), Path(out_dir)
-    t_start = time.perf_counter()
-    times: dict[str, float] = {}
+    reader: object
+    view: ScaledView
+    thumb: np.ndarray  # (h, w, 3) uint8
+    mask: np.ndarray  # (h, w) bool, tissue on the thumbnail
+    grid: TileGrid
+    keep: np.ndarray  # (rows, cols) bool, tiles holding tissue
+    seconds: dict
+
+
+def prepare_slide(path: Path, model_mpp: float, cfg: RunConfig) -> Prepared:
+    """Open ``path`` and compute what every stage needs; deterministic, so several processes
+    preparing the same slide agree on the grid. Raises :class:`SlideError` for bad input."""
+    t0 = time.perf_counter()
     reader = open_slide(path, cfg.mpp)
     try:
-        view = ScaledView.create(reader, predictor.model.mpp)
-        times["open"] = time.perf_counter() - t_start
-
-        t = time.perf_counter()
+        view = ScaledView.create(reader, model_mpp)
+        t1 = time.perf_counter()
         thumb = reader.thumbnail(min(cfg.thumbnail_size, max(reader.level_dimensions[0])))
         mask = tissue_mask(thumb) if cfg.tissue else np.ones(thumb.shape[:2], bool)
         grid = TileGrid(view.shape, cfg.tile, cfg.overlap)
         keep = grid.tissue_tiles(mask)
-        times["tissue"] = time.perf_counter() - t
+    except BaseException:
+        reader.close()
+        raise
+    t2 = time.perf_counter()
+    return Prepared(reader, view, thumb, mask, grid, keep, {"open": t1 - t0, "tissue": t2 - t1})
+
+
+def infer_bands(view: ScaledView, grid: TileGrid, keep: np.ndarray, predictor: Predictor, store: ProbabilityStore,
+                cfg: RunConfig, first_band: int = 0, stop_band: int | None = None, progress_file: Path | None = None,
+                progress: Callable[[int], None] | None = None,
+                progress_total: Callable[[int], None] | None = None) -> dict:
+    """Infer, blend and write the level-0 bands [first_band, stop_band) (None: to the end).
+
+    Only the tiles that touch those bands are read and inferred; their contributions to other
+    bands are dropped, so several processes can each write a disjoint band range of one store.
+    Returns seconds per stage and the number of tiles inferred (``tiles``).
+    """
+    ch = cfg.chunk
+    n_bands = -(-view.shape[0] // ch)
+    stop_band = n_bands if stop_band is None else min(stop_band, n_bands)
+    blender = BandBlender(view.shape, len(predictor.channels), cfg.tile, ch, cfg.window,
+                          first_band=first_band, stop_band=stop_band)
+    ys = grid.ys
+    row_lo = int(np.searchsorted(ys + cfg.tile, first_band * ch, side="right"))
+    row_hi = int(np.searchsorted(ys, stop_band * ch, side="left"))
+    sel = np.zeros_like(keep)
+    sel[row_lo:row_hi] = keep[row_lo:row_hi]
+    todo = blocks(grid, sel, cfg.block_tiles, row_lo)
+    n_todo = sum(len(b.cols) for b in todo)
+    if progress_total:
+        progress_total(n_todo)
+    t = dict.fromkeys(("infer", "blend", "write", "read_wait"), 0.0)
+    final_px = min(stop_band * ch, view.shape[0])
+
+    def write_ready(final_row: int) -> None:
+        for b, probs in blender.release(min(final_row, final_px)):
+            tw = time.perf_counter()
+            store.write_band(b, probs, progress_file)
+            t["write"] += time.perf_counter() - tw
+
+    batch: list[np.ndarray] = []
+    where: list[tuple[int, int]] = []
+
+    def flush() -> None:
+        if not batch:
+            return
+        ti = time.perf_counter()
+        probs = predictor(np.stack(batch))
+        t["infer"] += time.perf_counter() - ti
+        tb = time.perf_counter()
+        for p, (y, x) in zip(probs, where):
+            blender.add(p, y, x)
+        t["blend"] += time.perf_counter() - tb
+        if progress:
+            progress(len(batch))
+        batch.clear()
+        where.clear()
+
+    t_loop = time.perf_counter()
+    prefetch = BlockPrefetcher(view, todo, workers=cfg.workers, max_in_flight=2 * max(1, cfg.workers) + 2)
+    tw0 = time.perf_counter()
+    for blk, pixels in prefetch:
+        t["read_wait"] += time.perf_counter() - tw0
+        for c in blk.cols:
+            x = int(grid.xs[c]) - blk.x
+            batch.append(pixels[:, x : x + cfg.tile])
+            where.append((blk.y, int(grid.xs[c])))
+            if len(batch) >= cfg.batch_size:
+                flush()
+                # Blocks come in row order and the batch is empty: every tile of the rows
+                # before this block's is blended, so image rows above ys[blk.row] are final.
+                write_ready(int(ys[blk.row]))
+        tw0 = time.perf_counter()
+    flush()
+    write_ready(final_px)
+    t["read"] = prefetch.read_seconds
+    t["tiles_loop"] = time.perf_counter() - t_loop
+    t["tiles"] = n_todo
+    return t
+
+
+def run_slide(path: str | Path, out_dir: str | Path, predictor: Predictor, cfg: RunConfig = RunConfig(),
+              progress: Callable[[int], None] | None = None, progress_total: Callable[[int], None] | None = None,
+              band_runner: Callable[[int, int], dict] | None = None) -> SlideResult:
+    """Segment one slide or image into ``out_dir``. Raises :class:`SlideError` for bad input.
+
+    ``progress(n)`` is called with the number of tiles finished since the last call;
+    ``progress_total(n)`` once with the number of tiles this run will infer.
+    ``band_runner(first_band, n_bands)``, when given, does the inference of the level-0 bands
+    instead of this process (e.g. split over Dask workers, see :mod:`wsiseg.cluster`) and
+    returns :func:`infer_bands`'s statistics; this function still owns the store's creation,
+    resumption, pyramid, completion flag and summary.
+    """
+    path, out_dir = Path(path), Path(out_dir)
+    t_start = time.perf_counter()
+    times: dict[str, float] = {}
+    prep = prepare_slide(path, predictor.model.mpp, cfg)
+    reader, view, thumb, mask, grid, keep = prep.reader, prep.view, prep.thumb, prep.mask, prep.grid, prep.keep
+    times.update(prep.seconds)
+    try:
 
         params = _params(cfg, predictor, view, path)
         state, bands_done = _existing_state(out_dir, params)
@@ -168,67 +273,17 @@ def run_slide(path: str | Path, out_dir: str | Path, predictor: Predictor, cfg: 
             Image.fromarray(thumb).save(out_dir / "thumbnail.png")
             Image.fromarray((mask * 255).astype(np.uint8)).save(out_dir / "tissue.png")
 
-        blender = BandBlender(view.shape, len(channels), cfg.tile, cfg.chunk, cfg.window, first_band=bands_done)
-        first_row_px = bands_done * cfg.chunk
-        start_row = int(np.searchsorted(grid.ys + cfg.tile, first_row_px, side="right"))
-        todo = blocks(grid, keep, cfg.block_tiles, start_row)
-        n_todo = sum(len(b.cols) for b in todo)
-        if progress_total:
-            progress_total(n_todo)
         n_tissue = int(keep.sum())
-
-        t_infer = t_blend = t_write = t_wait = 0.0
-        ys = grid.ys
-
-        def write_ready(final_row: int) -> None:
-            nonlocal t_write
-            for b, probs in blender.release(final_row):
-                tw = time.perf_counter()
-                store.write_band(b, probs)
-                t_write += time.perf_counter() - tw
-
-        batch: list[np.ndarray] = []
-        where: list[tuple[int, int]] = []
-
-        def flush() -> None:
-            nonlocal t_infer, t_blend
-            if not batch:
-                return
-            ti = time.perf_counter()
-            probs = predictor(np.stack(batch))
-            t_infer += time.perf_counter() - ti
-            tb = time.perf_counter()
-            for p, (y, x) in zip(probs, where):
-                blender.add(p, y, x)
-            t_blend += time.perf_counter() - tb
-            if progress:
-                progress(len(batch))
-            batch.clear()
-            where.clear()
-
-        t_loop = time.perf_counter()
-        prefetch = BlockPrefetcher(view, todo, workers=cfg.workers, max_in_flight=2 * max(1, cfg.workers) + 2)
-        tw0 = time.perf_counter()
-        for blk, pixels in prefetch:
-            t_wait += time.perf_counter() - tw0
-            for c in blk.cols:
-                x = int(grid.xs[c]) - blk.x
-                batch.append(pixels[:, x : x + cfg.tile])
-                where.append((blk.y, int(grid.xs[c])))
-                if len(batch) >= cfg.batch_size:
-                    flush()
-                    # Blocks come in row order and the batch is empty: every tile of the rows
-                    # before this block's is blended, so image rows above ys[blk.row] are final.
-                    write_ready(int(ys[blk.row]))
-            tw0 = time.perf_counter()
-        flush()
-        write_ready(view.shape[0])
-        times["read"] = prefetch.read_seconds
-        times["read_wait"] = t_wait
-        times["infer"] = t_infer
-        times["blend"] = t_blend
-        times["write"] = t_write
-        times["tiles_loop"] = time.perf_counter() - t_loop
+        if band_runner is None:
+            stats = infer_bands(view, grid, keep, predictor, store, cfg, bands_done, None,
+                                progress=progress, progress_total=progress_total)
+        else:
+            stats = band_runner(bands_done, -(-view.shape[0] // cfg.chunk))
+            prog = json.loads(store.progress_path.read_text())
+            prog["bands_done"] = -(-view.shape[0] // cfg.chunk)
+            atomic_write_json(store.progress_path, prog)
+        n_todo = stats.pop("tiles")
+        times.update(stats)
 
         t = time.perf_counter()
         store.build_pyramid()

@@ -108,14 +108,16 @@ class ProbabilityStore:
     def level0(self) -> zarr.Array:
         return self.group["0"]
 
-    def write_band(self, band: int, probs: np.ndarray) -> None:
-        """Write level-0 band ``band`` ((C, rows, W) float32 in [0, 1]) and record the progress."""
+    def write_band(self, band: int, probs: np.ndarray, progress_path: Path | None = None) -> None:
+        """Write level-0 band ``band`` ((C, rows, W) float32 in [0, 1]), then record in
+        ``progress_path`` (default ``progress.json``) that bands up to it are done."""
         ch = self.chunk
         data = np.rint(np.clip(probs, 0, 1) * 255).astype(np.uint8)
         self.level0[:, band * ch : band * ch + data.shape[1], :] = data
-        prog = json.loads(self.progress_path.read_text())
+        progress_path = progress_path or self.progress_path
+        prog = json.loads(progress_path.read_text()) if progress_path.exists() else {}
         prog["bands_done"] = band + 1
-        atomic_write_json(self.progress_path, prog)
+        atomic_write_json(progress_path, prog)
 
     def build_pyramid(self) -> None:
         """Levels 1.. from level 0, band by band (memory: two chunk rows of one level)."""
