@@ -1,0 +1,277 @@
+"""Cellularity core: Rakhlin features (fast == reference), metrics, LightGBM, proxy labels.
+
+Real data: CoNSeP class maps from ../shared/data/consep/train (skipped when absent). The
+cellularity target here is a PROXY (tumour nuclear area / all nuclear area), not a pathologist's
+score.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cellularity import features as F
+from cellularity.metrics import (bootstrap_ci, cellularity_bins, cohen_kappa, evaluate, icc, icc_matrix, mse,
+                                 mse_ci, prediction_probability)
+from cellularity.proxy import (CHANNELS, class_maps, consep_image_id, load_consep, proxy_cellularity,
+                               split_by_image)
+from tests.conftest import SHARED, need
+
+CONSEP = SHARED / "consep" / "train"
+
+# tiles with all three classes, only some, or no tumour at all
+EQ_TILES = ["train_1_000", "train_8_005", "train_14_009", "train_20_010", "train_22_003", "train_5_003"]
+
+
+# ----------------------------------------------------------------------------------- features
+
+
+def test_feature_names_and_shapes():
+    names = F.FEATURE_NAMES
+    assert len(names) == 81 == F.N_FEATURES
+    assert len(set(names)) == 81
+    for n in ("malignant_area_t0.16", "malignant_act_t0.16", "malignant_blobs_t0.08", "malignant_blobact_t0.08",
+              "malignant_total", "normal_area_t0.02", "lymphocyte_blobs_t0.5", "lymphocyte_act_t0.32"):
+        assert n in names
+    assert not any("_blobs_t0.32" in n for n in names)  # 6 blob thresholds, no 0.32
+    zeros = np.zeros((4, 48, 40), np.float32)
+    v = F.features(zeros, CHANNELS)
+    assert v.shape == (81,) and v.dtype == np.float64 and not v.any()
+    assert np.array_equal(F.features_reference(zeros, CHANNELS), v)
+    assert F.features_batch(np.zeros((3, 4, 32, 32), np.float32), CHANNELS).shape == (3, 81)
+    with pytest.raises(ValueError, match="missing"):
+        F.features(zeros[:2], ["normal", "background"])
+
+
+@pytest.fixture(scope="module")
+def eq_tiles():
+    tiles = load_consep(need(CONSEP), EQ_TILES, target_mpp=0.5, smooth_sigma=1.0)
+    # two at full resolution (0.25 um/px, 256 px): larger nuclei, more blobs, more overlap pruning
+    tiles += load_consep(CONSEP, EQ_TILES[:2], target_mpp=0.25, smooth_sigma=1.5)
+    return tiles
+
+
+@pytest.mark.slow
+def test_fast_features_equal_reference_on_consep(eq_tiles):
+    """Fast path == one blob_log per threshold, for all 81 features, exactly.
+
+    Areas are integer counts and activation sums of float32 values > 0.02 are exact in float64,
+    so those must match to the bit. Blob counts must match exactly too: the fast path builds the
+    same float32 scale-space cube as blob_log, takes the same maxima in the same order, and
+    resolves overlapping pairs in the order skimage's pruning visits them; no tolerance is
+    needed (a future skimage that changed its pruning order could shift a few counts by +-1,
+    which this test would then report).
+    """
+    pruned = 0
+    for t in eq_tiles:
+        fast = F.features(t.probs, t.channels)
+        ref = F.features_reference(t.probs, t.channels)
+        bad = [(F.FEATURE_NAMES[i], fast[i], ref[i]) for i in np.nonzero(fast != ref)[0]]
+        assert not bad, f"{t.name} {t.probs.shape}: {bad}"
+        m = np.ascontiguousarray(t.probs[CHANNELS.index("malignant")])
+        raw, _ = F._sorted_maxima(F.log_scale_space(m), min(F.BLOB_THRESHOLDS))
+        pruned += len(raw) - int(fast[F.FEATURE_NAMES.index("malignant_blobs_t0.02")])
+    assert pruned > 0  # the overlap pruning was exercised, not only the maxima
+    assert sum(F.features(t.probs, t.channels)[F.FEATURE_NAMES.index("malignant_blobs_t0.5")] for t in eq_tiles) > 0
+
+
+@pytest.mark.slow
+def test_blobs_equal_blob_log_rows(eq_tiles):
+    """Beyond counts: the same blobs (y, x, sigma), in the same order, as blob_log returns."""
+    from skimage.feature import blob_log
+
+    p = F.LOG_PARAMS
+    m = np.ascontiguousarray(eq_tiles[-2].probs[CHANNELS.index("malignant")])  # full resolution
+    sets = F.blobs_at_thresholds(m)
+    for t, got in zip(F.BLOB_THRESHOLDS, sets):
+        want = blob_log(m, min_sigma=p.min_sigma, max_sigma=p.max_sigma, num_sigma=p.num_sigma, threshold=t,
+                        overlap=p.overlap)
+        assert np.array_equal(got, want), t
+    assert len(sets[0]) > 20
+
+
+def test_features_use_channels_by_name(eq_tiles):
+    t = eq_tiles[0]
+    perm = [3, 2, 0, 1]
+    a = F.features(t.probs, t.channels)
+    b = F.features(t.probs[perm], [t.channels[i].upper() for i in perm])
+    assert np.array_equal(a, b)
+    i = F.FEATURE_NAMES.index("malignant_total")
+    assert a[i] == pytest.approx(float(t.probs[2].sum(dtype=np.float64)))
+    j = F.FEATURE_NAMES.index("malignant_area_t0.5")
+    assert a[j] == np.count_nonzero(t.probs[2] > np.float32(0.5))
+
+
+# ------------------------------------------------------------------------------------ metrics
+
+
+def test_perfect_agreement():
+    y = np.linspace(0, 1, 41)
+    assert mse(y, y) == 0
+    assert mse_ci(y, y) == (0.0, 0.0, 0.0)
+    assert cohen_kappa(y, y) == 1.0
+    assert icc(y, y).value == pytest.approx(1.0)
+    assert icc(y, y, "3,1").value == pytest.approx(1.0)
+    assert prediction_probability(y, y) == 1.0
+    r = evaluate(y, y, n_boot=50)
+    assert r["kappa"] == 1.0 and r["pk"] == 1.0 and r["icc"] == pytest.approx(1.0)
+
+
+def test_kappa_bins_and_small_example():
+    assert cellularity_bins([0.0, 0.25, 0.26, 0.5, 0.51, 0.75, 0.76, 1.0]).tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    # bins true [0, 0, 1, 1], pred [0, 1, 1, 1]: po = 3/4, pe = (2*1 + 2*3)/16 = 1/2 -> kappa 1/2
+    assert cohen_kappa([0.1, 0.2, 0.4, 0.45], [0.15, 0.3, 0.35, 0.5]) == pytest.approx(0.5)
+    # complete disagreement with balanced marginals: po = 0, pe = 1/2 -> -1
+    assert cohen_kappa([0, 1, 0, 1], [1, 0, 1, 0], binned=True) == pytest.approx(-1.0)
+    assert np.isnan(cohen_kappa([0.1, 0.2], [0.1, 0.2]))  # one class for both: undefined
+
+
+def test_kappa_matches_sklearn():
+    sk = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(1)
+    t = rng.uniform(0, 1, 200)
+    p = np.clip(t + rng.normal(0, 0.2, 200), 0, 1)
+    for w in (None, "linear", "quadratic"):
+        assert cohen_kappa(t, p, w) == pytest.approx(
+            sk.cohen_kappa_score(cellularity_bins(t), cellularity_bins(p), weights=w), abs=1e-12)
+
+
+def test_icc_shrout_fleiss_example():
+    """Shrout & Fleiss 1979, Table 2 (6 targets x 4 judges); values as R psych::ICC reports them."""
+    y = np.array([[9, 2, 5, 8], [6, 1, 3, 2], [8, 4, 6, 8], [7, 1, 2, 6], [10, 5, 6, 9], [6, 2, 4, 7]])
+    r2 = icc_matrix(y, "2,1")
+    r3 = icc_matrix(y, "3,1")
+    assert r2.value == pytest.approx(0.29, abs=0.005) and r3.value == pytest.approx(0.71, abs=0.006)
+    assert r2.F == pytest.approx(11.03, abs=0.01) and (r2.df1, r2.df2) == (5, 15)
+    assert r2.lower == pytest.approx(0.019, abs=0.001) and r2.upper == pytest.approx(0.76, abs=0.005)
+    assert r3.lower == pytest.approx(0.342, abs=0.001) and r3.upper == pytest.approx(0.94, abs=0.006)
+
+
+def test_icc_penalises_bias_only_in_absolute_agreement():
+    y = np.linspace(0, 0.8, 30)
+    assert icc(y, y + 0.2, "3,1").value == pytest.approx(1.0)
+    assert icc(y, y + 0.2, "2,1").value < 0.85
+
+
+def _pk_brute(t, p):
+    c = d = tx = 0
+    for i in range(len(t)):
+        for j in range(i + 1, len(t)):
+            if t[i] == t[j]:
+                continue
+            s = np.sign(t[i] - t[j]) * np.sign(p[i] - p[j])
+            c, d, tx = c + (s > 0), d + (s < 0), tx + (s == 0)
+    return (c + tx / 2) / (c + d + tx)
+
+
+def test_prediction_probability():
+    # pairs: (0, .5) tied in prediction, (0, 1) and (.5, 1) concordant -> (2 + 1/2) / 3
+    assert prediction_probability([0, 0.5, 1], [0.1, 0.1, 0.9]) == pytest.approx(5 / 6)
+    assert prediction_probability([0, 0.5, 1], [1, 0.5, 0]) == 0.0
+    assert prediction_probability([0, 0.5, 1], [0.3, 0.3, 0.3]) == 0.5
+    assert np.isnan(prediction_probability([0.4, 0.4], [0.1, 0.9]))
+    rng = np.random.default_rng(2)
+    t = rng.integers(0, 11, 120) / 10  # many ties in both
+    p = np.round(np.clip(t + rng.normal(0, 0.2, 120), 0, 1), 1)
+    assert prediction_probability(t, p) == pytest.approx(_pk_brute(t, p), abs=1e-12)
+
+
+def test_mse_bootstrap_ci():
+    assert mse([0, 1], [0.5, 0.5]) == 0.25
+    assert mse_ci([0, 1], [0.5, 0.5], n_boot=100) == (0.25, 0.25, 0.25)  # every resample: 0.25
+    rng = np.random.default_rng(3)
+    t = rng.uniform(0, 1, 300)
+    p = t + rng.normal(0, 0.1, 300)
+    m, lo, hi = mse_ci(t, p, n_boot=1000, seed=0)
+    assert lo < m < hi and 0.007 < lo and hi < 0.014
+    lo2, hi2 = bootstrap_ci(mse, t, p, n_boot=300, seed=0)
+    assert lo2 < m < hi2
+
+
+# -------------------------------------------------------------------------------------- proxy
+
+
+def test_proxy_label_and_class_maps():
+    c = np.zeros((8, 8), np.uint8)
+    assert proxy_cellularity(c) == 0.0
+    c[:2, :2] = 3  # 4 px epithelial (tumour)
+    c[4:, 4:] = 2  # 16 px inflammatory
+    c[0, 7] = 4  # 1 px spindle
+    c[7, 0] = 1  # 1 px other
+    assert proxy_cellularity(c) == pytest.approx(4 / 22)
+    m = class_maps(c, scale=0.5, smooth_sigma=1.0)
+    assert m.shape == (4, 4, 4) and m.dtype == np.float32
+    assert np.allclose(m.sum(axis=0), 1, atol=1e-6)
+    m0 = class_maps(c)
+    assert m0[2].sum() == 4 and m0[1].sum() == 16 and m0[0].sum() == 2 and m0[3].sum() == 64 - 22
+    assert consep_image_id("train_12_003") == "train_12"
+    with pytest.raises(ValueError, match="no channel"):
+        class_maps(np.full((2, 2), 7, np.uint8))
+
+
+# ------------------------------------------------------------------------------ LightGBM, e2e
+
+
+@pytest.fixture(scope="module")
+def consep_features():
+    """Every 4th CoNSeP tile (4 per source image, 108 tiles) at 0.5 um/px: features + proxy."""
+    root = need(CONSEP)
+    names = sorted(p.stem for p in (root / "classes").glob("*.png") if int(p.stem.rsplit("_", 1)[1]) % 4 == 0)
+    tiles = load_consep(root, names)
+    X = F.features_batch([t.probs for t in tiles], CHANNELS)
+    return tiles, X, np.array([t.proxy for t in tiles])
+
+
+@pytest.mark.slow
+def test_lightgbm_on_consep_proxy(consep_features, tmp_path):
+    """Split by source image: train_1..train_16 fit, train_17..20 early-stopping validation,
+    train_21..27 held out. A check, not a promise: on held-out images the model should beat
+    predicting the training mean of the proxy (it does by a wide margin on ground-truth maps)."""
+    from cellularity.regressors import LightGBMRegressor
+
+    tiles, X, y = consep_features
+    assert len(tiles) == 27 * 4 and X.shape == (108, 81)
+    num = np.array([int(t.image_id.split("_")[1]) for t in tiles])
+    fit_i, val_i, test_i = num <= 16, (num > 16) & (num <= 20), num > 20
+    train_t, held_t = split_by_image(tiles, [f"train_{i}" for i in range(21, 28)])
+    assert {t.image_id for t in train_t}.isdisjoint({t.image_id for t in held_t}) and len(held_t) == test_i.sum()
+
+    model = LightGBMRegressor(n_jobs=1)
+    assert model.learning_rate == 0.01 and model.max_depth == 5 and model.num_leaves == 8
+    assert model.n_estimators == 600 and not hasattr(model, "booster_")
+    assert model.fit(X[fit_i], y[fit_i], X[val_i], y[val_i], feature_names=F.FEATURE_NAMES) is model
+    assert 1 <= model.best_iteration_ <= 600 and model.train_metrics_["n_val"] == val_i.sum()
+
+    pred = model.predict(X[test_i])
+    assert pred.shape == (test_i.sum(),) and pred.min() >= 0 and pred.max() <= 1
+    mse_model = mse(y[test_i], pred)
+    mse_mean = mse(y[test_i], np.full(test_i.sum(), y[fit_i | val_i].mean()))
+    assert mse_model < mse_mean, (mse_model, mse_mean)
+
+    path = model.save(tmp_path / "gbt")
+    assert path.name == "gbt.txt" and path.read_text().startswith("tree")
+    meta = json.loads((tmp_path / "gbt.json").read_text())
+    assert meta["feature_names"] == F.FEATURE_NAMES and meta["params"]["learning_rate"] == 0.01
+    assert meta["best_iteration"] == model.best_iteration_
+    loaded = LightGBMRegressor.load(tmp_path / "gbt")
+    assert np.array_equal(loaded.predict(X), model.predict(X))
+    assert np.array_equal(loaded.feature_importances_, model.feature_importances_)
+
+    imp = model.feature_importances_
+    assert imp.shape == (81,) and imp.sum() > 0
+    assert model.importance_table()[0][0].startswith("malignant_")
+    png = model.plot_importance(tmp_path / "imp.png", top=15)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    r = evaluate(y[test_i], pred, n_boot=200)
+    assert set(r) >= {"mse", "mse_ci", "kappa", "icc", "icc_ci", "pk"}
+
+
+def test_regressor_errors(tmp_path):
+    from cellularity.regressors import LightGBMRegressor
+
+    with pytest.raises(RuntimeError, match="not fitted"):
+        LightGBMRegressor().predict(np.zeros((1, 81)))
+    with pytest.raises(FileNotFoundError, match="sidecar"):
+        LightGBMRegressor.load(tmp_path / "nothing")
