@@ -243,20 +243,13 @@ def identity_model(model):
 
 
 def _setup(slide: Path, mpp: float, cfg):
-    """The pipeline's own first steps: open, view at the model's mpp, tissue mask, grid, blocks."""
-    import numpy as np
+    """The pipeline's own first steps (:func:`wsiseg.pipeline.prepare_slide`): open, view at the
+    model's mpp, tissue mask, tile grid; plus the block reads of the tissue tiles."""
+    from wsiseg.pipeline import prepare_slide
+    from wsiseg.tiling import blocks
 
-    from wsiseg.slide import ScaledView, open_slide
-    from wsiseg.tiling import TileGrid, blocks
-    from wsiseg.tissue import tissue_mask
-
-    reader = open_slide(slide, cfg.mpp)
-    view = ScaledView.create(reader, mpp)
-    thumb = reader.thumbnail(min(cfg.thumbnail_size, max(reader.level_dimensions[0])))
-    mask = tissue_mask(thumb) if cfg.tissue else np.ones(thumb.shape[:2], bool)
-    grid = TileGrid(view.shape, cfg.tile, cfg.overlap)
-    keep = grid.tissue_tiles(mask)
-    return reader, view, grid, keep, blocks(grid, keep, cfg.block_tiles)
+    prep = prepare_slide(Path(slide), mpp, cfg)
+    return prep.reader, prep.view, prep.grid, prep.keep, blocks(prep.grid, prep.keep, cfg.block_tiles)
 
 
 def stage_read_only(slide: Path, model, cfg, **_: Any) -> dict:
@@ -295,7 +288,7 @@ def stage_read_only(slide: Path, model, cfg, **_: Any) -> dict:
 
 
 def stage_model_only(slide: Path, model, cfg, device: str = "cpu", threads: int | None = None,
-                     min_seconds: float = 10.0, max_batches: int = 200, **_: Any) -> dict:
+                     min_seconds: float = 10.0, max_batches: int = 1000, **_: Any) -> dict:
     """The Predictor alone on batches of real tissue tiles from the slide (after 2 warm-up batches)
     until ``min_seconds`` have passed (at least 3 batches, at most ``max_batches``)."""
     import numpy as np
@@ -378,9 +371,8 @@ def run_stage(stage: str, slide: str | Path, model: str | None = None, device: s
               tissue: bool = True, model_seconds: float = 10.0) -> dict:
     """One stage in this process; adds ``peak_rss_mb`` (this process's peak so far) and
     ``rss_after_setup_mb`` (the peak after imports and model loading, before the stage)."""
-    import torch  # noqa: F401  (imports count as setup, as they do for run_slide)
+    import torch  # imports (torch, and the pipeline's below) count as setup, as for run_slide
 
-    import wsiseg.pipeline  # noqa: F401  (everything the pipeline imports: skimage, zarr, dask, cv2)
     from wsiseg.models.registry import load_model
     from wsiseg.pipeline import RunConfig
     from wsiseg.predict import resolve_device
@@ -393,6 +385,8 @@ def run_stage(stage: str, slide: str | Path, model: str | None = None, device: s
     before = _rss_mb()
     res = _STAGE_FUNCS[stage](Path(slide), m, cfg, device=device, threads=threads, min_seconds=model_seconds)
     after = _rss_mb()
+    res["torch"] = torch.__version__
+    res["python_executable"] = sys.executable
     res["rss_after_setup_mb"] = before["peak"]
     res["peak_rss_mb"] = round(max(after["peak"], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), 1)
     return res
@@ -524,11 +518,11 @@ def bench(slide_path: str | Path, model: str | None = None, device: str = "cpu",
     return res
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="wsiseg bench", description="tiles/s of each engine stage on one slide")
-    p.add_argument("slide", help="a slide or image (plain images need --mpp: not supported here, use a slide)")
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The bench options, for ``wsiseg bench`` (a subparser) or ``python -m wsiseg.bench``."""
+    p.add_argument("slide", help="a whole-slide image (anything OpenSlide opens)")
     p.add_argument("--model", default=None, help="shipped name, NAME.safetensors path, or 'untrained' (timing only)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--tile", type=int, default=256)
     p.add_argument("--overlap", type=float, default=0.5)
@@ -543,12 +537,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``wsiseg bench`` (and ``python -m wsiseg.bench``); returns the exit code."""
+def build_parser() -> argparse.ArgumentParser:
+    return add_arguments(argparse.ArgumentParser(prog="wsiseg bench",
+                                                 description="tiles/s of each engine stage on one slide"))
+
+
+def run_args(a: argparse.Namespace) -> int:
+    """Run the benchmark for parsed options; returns the exit code (0 ok, 1 a stage failed, 2 bad input)."""
     from wsiseg.models.registry import ModelError
     from wsiseg.slide import SlideError
 
-    a = build_parser().parse_args(argv)
     try:
         if a.child_stage:
             res = run_stage(a.child_stage, a.slide, a.model, a.device, a.batch_size, a.tile, a.overlap, a.workers,
@@ -566,6 +564,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wsiseg bench: error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m wsiseg.bench SLIDE ...`` (argv without a leading ``bench``)."""
+    return run_args(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

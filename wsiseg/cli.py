@@ -209,8 +209,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         p = res["pooled"][k]
         print(f"pooled @{k}: Dice {p['dice']:.4f} Jaccard {p['jaccard']:.4f} precision {p['precision']:.4f} "
               f"recall {p['recall']:.4f} accuracy {p['accuracy']:.4f}")
+    im = res.get("instances_mean_per_image")
+    if im:
+        print(f"instances (mean per image, watershed): AJI {im['aji']:.4f} PQ {im['pq']:.4f} mAP {im['map']:.4f} "
+              f"mAP_dsb {im['map_dsb']:.4f} F1@0.5 {im['f1@0.5']:.4f} F1@0.7 {im['f1@0.7']:.4f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2))
+        Path(args.json).write_text(json.dumps(res, indent=2, default=float))
     return EXIT_OK
 
 
@@ -257,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--json", default=None, help="write the metrics here")
     e.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("bench", help="tiles/s per stage (reads, model, blend+write, end to end) and peak memory")
+    from wsiseg import bench as _bench
+
+    _bench.add_arguments(b)
+    b.set_defaults(func=_bench.run_args)
 
     m = sub.add_parser("models", help="list the shipped models")
     m.set_defaults(func=cmd_models)
