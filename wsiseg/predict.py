@@ -19,6 +19,27 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def fold_batchnorm(net: torch.nn.Module) -> torch.nn.Module:
+    """Fold every BatchNorm2d that directly follows a Conv2d in an ``nn.Sequential`` into the
+    convolution (eval-mode statistics; ``torch.nn.utils.fusion.fuse_conv_bn_eval``). Returns a
+    new module; the input is left untouched. Same outputs up to float rounding, one op fewer."""
+    import copy
+
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    net = copy.deepcopy(net).eval()
+    for mod in net.modules():
+        if not isinstance(mod, torch.nn.Sequential):
+            continue
+        names = list(mod._modules)
+        for a, b in zip(names, names[1:]):
+            conv, bn = mod._modules[a], mod._modules[b]
+            if isinstance(conv, torch.nn.Conv2d) and isinstance(bn, torch.nn.BatchNorm2d) and bn.track_running_stats:
+                mod._modules[a] = fuse_conv_bn_eval(conv, bn)
+                mod._modules[b] = torch.nn.Identity()
+    return net
+
+
 class Predictor:
     """Runs a :class:`LoadedModel` on tiles.
 
@@ -32,7 +53,7 @@ class Predictor:
         self.device = resolve_device(device)
         if self.device.type == "cpu":
             torch.set_num_threads(threads or os.cpu_count() or 1)
-        self.net = model.network.to(self.device).to(memory_format=torch.channels_last).eval()
+        self.net = fold_batchnorm(model.network).to(self.device).to(memory_format=torch.channels_last).eval()
         self.amp = self.device.type == "cuda"
         self._mean = torch.tensor(model.mean, device=self.device).view(1, 3, 1, 1) * 255
         self._std = torch.tensor(model.std, device=self.device).view(1, 3, 1, 1) * 255
