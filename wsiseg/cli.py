@@ -218,6 +218,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from wsiseg.models.registry import ModelError, export_model
+
+    try:
+        print(export_model(args.src, args.dst, half=not args.float32))
+    except ModelError as e:
+        print(f"wsiseg: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     from wsiseg import __version__
 
@@ -267,6 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     _bench.add_arguments(b)
     b.set_defaults(func=_bench.run_args)
+
+    x = sub.add_parser("export", help="copy trained weights for shipping (float16 storage)")
+    x.add_argument("src", help="NAME.safetensors with its NAME.json")
+    x.add_argument("dst", help="destination NAME(.safetensors)")
+    x.add_argument("--float32", action="store_true", help="keep float32")
+    x.set_defaults(func=cmd_export)
 
     m = sub.add_parser("models", help="list the shipped models")
     m.set_defaults(func=cmd_models)

@@ -118,6 +118,27 @@ def save_model(network: nn.Module, meta: dict, path: str | Path) -> Path:
     return path
 
 
+def export_model(src: str | Path, dst: str | Path, half: bool = True) -> Path:
+    """Copy a trained model for shipping: float tensors stored as float16 (half the size;
+    :func:`load_model` casts them back to the network's float32). The sidecar is kept, with a
+    note of the storage dtype."""
+    import json as _json
+
+    from safetensors.torch import load_file, save_file
+
+    src = resolve_model_path(src)
+    meta = _json.loads(src.with_suffix(".json").read_text())
+    state = load_file(str(src))
+    if half:
+        state = {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
+        meta["storage_dtype"] = "float16"
+    dst = Path(dst).with_suffix(".safetensors")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(dst), metadata={"id": str(meta.get("id", dst.stem))})
+    dst.with_suffix(".json").write_text(_json.dumps(meta, indent=2) + "\n")
+    return dst
+
+
 def load_model(name_or_path: str | Path | None = None) -> LoadedModel:
     """Load a model by shipped name or path; returns it in eval mode on the CPU."""
     from safetensors.torch import load_file
