@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -22,20 +20,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import torch
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+from wsiseg.bench import machine  # noqa: E402  (the same machine description as `wsiseg bench`)
 
 
 def model_only(model_name: str | None, device: str, batch: int, n_batches: int) -> dict:
