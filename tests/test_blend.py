@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 import zarr
 
 from tests.conftest import ConstantNet, conv_net, test_model, write_png

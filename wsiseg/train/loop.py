@@ -13,11 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from wsiseg.models.registry import build_model, save_model
 from wsiseg.train.augment import augment, random_crop
-from wsiseg.train.datasets import MONUSEG_VAL, Sample, data_hash, split_monuseg
+from wsiseg.train.datasets import Sample, data_hash, split_monuseg
 from wsiseg.train.losses import LOSSES
 
 
