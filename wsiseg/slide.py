@@ -86,16 +86,26 @@ class OpenSlideReader:
             ) from None
         return _composite_on_white(np.asarray(img), self._bg)
 
-    def thumbnail(self, max_size):
+    def thumbnail(self, max_size, strip_rows: int = 512):
+        """Read the best level for the thumbnail's scale in strips of ``strip_rows`` rows, each
+        shrunk on arrival, so memory holds one strip, never the whole level (a 4x level of a
+        100k px slide would be 2.5 GB as RGBA)."""
         w, h = self.level_dimensions[0]
         s = max(w, h) / max_size
         level = self._slide.get_best_level_for_downsample(max(s, 1.0))
         lw, lh = self.level_dimensions[level]
-        region = self.read_region((0, 0), level, (lw, lh))
-        f = max(lw, lh) / max_size
-        if f > 1:
-            region = cv2.resize(region, (max(1, round(lw / f)), max(1, round(lh / f))), interpolation=cv2.INTER_AREA)
-        return region
+        f = max(1.0, max(lw, lh) / max_size)
+        tw, th = max(1, round(lw / f)), max(1, round(lh / f))
+        d = self.level_downsamples[level]
+        strips = []
+        for y0 in range(0, lh, strip_rows):
+            y1 = min(lh, y0 + strip_rows)
+            oy0, oy1 = round(y0 / f), round(y1 / f) if y1 < lh else th
+            if oy1 <= oy0:
+                continue
+            region = self.read_region((0, round(y0 * d)), level, (lw, y1 - y0))
+            strips.append(cv2.resize(region, (tw, oy1 - oy0), interpolation=cv2.INTER_AREA) if f > 1 else region)
+        return np.concatenate(strips, axis=0)
 
     def close(self):
         self._slide.close()
