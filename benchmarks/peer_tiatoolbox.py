@@ -42,7 +42,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -200,17 +199,9 @@ def run_tia(slide: Path, model: str, tia_python: Path, device: str, batch_size: 
         cmd += ["--threads", str(threads)]
     if compile_mode:
         cmd += ["--tia-compile-mode", compile_mode]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    t = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    wall = time.perf_counter() - t
-    for line in reversed(p.stdout.splitlines()):
-        if line.startswith(_TAG):
-            r = json.loads(line[len(_TAG):])
-            r["process_wall_seconds"] = round(wall, 2)
-            return r
-    raise RuntimeError(f"TIAToolbox run failed (exit {p.returncode}):\n{p.stderr[-4000:]}")
+    from wsiseg.bench import run_tagged
+
+    return run_tagged(cmd, _TAG, "TIAToolbox run", timeout)
 
 
 def compare(slide: str | Path, model: str | None = None, device: str = "cpu", batch_size: int = 8,

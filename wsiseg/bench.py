@@ -406,6 +406,12 @@ def run_stage_subprocess(stage: str, slide: str | Path, model: str | None = None
         cmd += ["--threads", str(threads)]
     if not tissue:
         cmd += ["--no-tissue-mask"]
+    return run_tagged(cmd, _RESULT_TAG, f"bench stage {stage}", timeout)
+
+
+def run_tagged(cmd: list[str], tag: str, what: str, timeout: float | None = None) -> dict:
+    """Run ``cmd`` with the repository on PYTHONPATH and return the JSON it printed on the last
+    line starting with ``tag``, plus ``process_wall_seconds``; RuntimeError with its stderr if none."""
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -413,11 +419,11 @@ def run_stage_subprocess(stage: str, slide: str | Path, model: str | None = None
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     wall = time.perf_counter() - t
     for line in reversed(p.stdout.splitlines()):
-        if line.startswith(_RESULT_TAG):
-            res = json.loads(line[len(_RESULT_TAG):])
+        if line.startswith(tag):
+            res = json.loads(line[len(tag):])
             res["process_wall_seconds"] = round(wall, 2)
             return res
-    raise RuntimeError(f"bench stage {stage} failed (exit {p.returncode}):\n{p.stderr[-4000:]}")
+    raise RuntimeError(f"{what} failed (exit {p.returncode}):\n{p.stderr[-4000:]}")
 
 
 # ----------------------------------------------------------------------------- the benchmark

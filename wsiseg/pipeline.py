@@ -228,18 +228,15 @@ def run_slide(path: str | Path, out_dir: str | Path, predictor: Predictor, cfg: 
     reader, view, thumb, mask, grid, keep = prep.reader, prep.view, prep.thumb, prep.mask, prep.grid, prep.keep
     times.update(prep.seconds)
     try:
-
         params = _params(cfg, predictor, view, path)
         state, bands_done = _existing_state(out_dir, params)
-        if state == "none" and out_dir.exists():
-            shutil.rmtree(out_dir)
-        if cfg.overwrite or state == "mismatch":
-            if state == "mismatch" and not cfg.overwrite:
-                if any(out_dir.iterdir()):
-                    raise SlideError(
-                        f"{path}: {out_dir} holds output of a different run (other model, tile, "
-                        "overlap or input); use --overwrite to replace it or -o for another folder"
-                    )
+        if state == "mismatch" and not cfg.overwrite:
+            raise SlideError(
+                f"{path}: {out_dir} holds output of a different run (other model, tile, "
+                "overlap or input); use --overwrite to replace it or -o for another folder"
+            )
+        if cfg.overwrite or state in ("none", "mismatch"):
+            # start clean (state "none" may be a folder killed before its first progress record)
             shutil.rmtree(out_dir, ignore_errors=True)
             state, bands_done = "none", 0
         if state == "complete":
