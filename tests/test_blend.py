@@ -1,6 +1,8 @@
 """Blending exactness and seamlessness."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import zarr
@@ -104,3 +106,121 @@ def test_shifted_image_gives_the_same_map(tmp_path, monuseg_image):
     # the same check fails without overlap: it detects seams
     d0, _ = _shift_difference(tmp_path, pred, img, RunConfig(mpp=pred.model.mpp, tissue=False, overlap=0.0), 96, "none")
     assert d0.mean() > 3 * d.mean() and np.quantile(d0, 0.99) > 0.05
+
+
+def test_chunk_blender_releases_blocks_in_order_and_bounds_memory():
+    """Tiles in window_blocks order: blocks come out band by band, left to right, and what is open
+    is a few blocks of the band plus the strip its tiles reach into the next band."""
+    from wsiseg.blend import ChunkBlender
+    from wsiseg.tiling import window_blocks
+
+    H, W, T, ch = 1100, 2000, 64, 128
+    g = TileGrid((H, W), T, 0.5)
+    b = ChunkBlender((H, W), 1, T, ch, cols=2 * ch)
+    todo = window_blocks(g, np.ones((len(g.ys), len(g.xs)), bool), ch, max_tiles=4)
+    for blk in todo:
+        for c in blk.cols:
+            b.expect(blk.y, int(g.xs[c]))
+    released, deepest = [], 0
+    for blk in todo:
+        for c in blk.cols:
+            b.add(np.ones((1, T, T), np.float32), blk.y, int(g.xs[c]))
+        for band, x, arr in b.release():
+            released.append((band, x))
+            np.testing.assert_allclose(arr, 1.0, atol=1e-5)
+        # open: the current band's blocks near the window, and shallow blocks of the next band
+        full = sum(a[1].shape[0] == ch for a in b._acc.values())
+        deepest = max(deepest, max((a[1].shape[0] for k, a in b._acc.items() if k[0] > blk.band), default=0))
+        assert full <= 4, full
+    assert released == [(band, x) for band in range(-(-H // ch)) for x in range(0, W, 2 * ch)]
+    assert deepest <= T - g.stride + g.margin  # the strip the band's last tile rows reach below it
+    assert b.open_blocks == 0
+
+
+def _tile_predictions(view, grid, keep, pred, tile):
+    """Every kept tile's probabilities, each inferred alone (no batch effects)."""
+    out = {}
+    for r, c in zip(*np.nonzero(keep)):
+        y, x = int(grid.ys[r]), int(grid.xs[c])
+        out[(y, x)] = pred(view.read(y, x, tile, tile)[None])[0]
+    return out
+
+
+@pytest.mark.parametrize("tile,overlap,chunk", [(64, 0.5, 128), (64, 0.75, 64), (96, 0.25, 128)])
+def test_blockwise_blending_equals_whole_band_accumulation_bit_for_bit(tmp_path, monuseg_image, tile, overlap, chunk):
+    """On a real image with a CNN whose output depends on the tile (zero padding), the blockwise
+    blender in window_blocks order gives the same float32 bits as whole-width bands in row-major
+    order, also for a band range (as --split and resumed runs infer) and with tissue gaps."""
+    from wsiseg.blend import ChunkBlender
+    from wsiseg.slide import ScaledView, open_slide
+    from wsiseg.tiling import blocks, window_blocks
+
+    img = monuseg_image[:700, :900]
+    view = ScaledView.create(open_slide(write_png(tmp_path / "p.png", img), mpp=0.5), 0.5)
+    grid = TileGrid(view.shape, tile, overlap)
+    keep = np.random.default_rng(0).random((len(grid.ys), len(grid.xs))) < 0.7
+    preds = _tile_predictions(view, grid, keep, Predictor(test_model(conv_net()), "cpu"), tile)
+    H, W = view.shape
+    n_bands = -(-H // chunk)
+    for first, stop in [(0, n_bands), (2, n_bands - 1)]:
+        ref = BandBlender((H, W), 1, tile, chunk, first_band=first, stop_band=stop)
+        row_lo = int(np.searchsorted(grid.ys + tile, first * chunk, side="right"))
+        row_hi = int(np.searchsorted(grid.ys, stop * chunk, side="left"))
+        sel = np.zeros_like(keep)
+        sel[row_lo:row_hi] = keep[row_lo:row_hi]
+        for blk in blocks(grid, sel, 8, row_lo):
+            for c in blk.cols:
+                ref.add(preds[(blk.y, int(grid.xs[c]))], blk.y, int(grid.xs[c]))
+        a = np.zeros((1, H, W), np.float32)
+        for band, p in ref.release(H):
+            a[:, band * chunk : band * chunk + p.shape[1]] = p
+        new = ChunkBlender((H, W), 1, tile, chunk, first_band=first, stop_band=stop, cols=2 * chunk)
+        todo = window_blocks(grid, keep, chunk, first, stop, 8)
+        assert sorted((b.row, c) for b in todo for c in b.cols) == sorted(zip(*np.nonzero(sel)))
+        for blk in todo:
+            for c in blk.cols:
+                new.expect(blk.y, int(grid.xs[c]))
+        b = np.zeros((1, H, W), np.float32)
+        for blk in todo:
+            for c in blk.cols:
+                new.add(preds[(blk.y, int(grid.xs[c]))], blk.y, int(grid.xs[c]))
+            for band, x, p in new.release():
+                b[:, band * chunk : band * chunk + p.shape[1], x : x + p.shape[2]] = p
+        assert new.open_blocks == 0
+        np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+def test_blockwise_store_equals_reference_full_accumulation(tmp_path, monuseg_image):
+    """The pipeline's level 0 (blocks written as they finish) and pyramid (built in column blocks)
+    equal the full-image reference: whole-width bands, rounded, and 2 x 2 means of whole levels."""
+    from wsiseg.pipeline import infer_bands, prepare_slide
+    from wsiseg.store import ProbabilityStore
+
+    image = monuseg_image[:1000, :870].copy()
+    image[300:650, 100:520] = 242  # blank glass: the tissue mask leaves gaps between tiles
+    image[:, 760:] = 242
+    img = write_png(tmp_path / "p.png", image)
+    cfg = RunConfig(mpp=0.5, chunk=128, tile=64, batch_size=1, block_tiles=4)
+    pred = Predictor(test_model(conv_net()), "cpu")
+    prep = prepare_slide(img, 0.5, cfg)
+    H, W = prep.view.shape
+    store = ProbabilityStore.create(tmp_path / "out" / "probabilities.zarr", (H, W), pred.channels, 0.5, {}, cfg.chunk)
+    stats = infer_bands(prep.view, prep.grid, prep.keep, pred, store, cfg)
+    store.build_pyramid()
+    assert stats["tiles"] == int(prep.keep.sum()) > 0 and not prep.keep.all()
+
+    preds = _tile_predictions(prep.view, prep.grid, prep.keep, pred, cfg.tile)
+    ref = BandBlender((H, W), 1, cfg.tile, cfg.chunk)
+    for (y, x), p in sorted(preds.items()):  # row-major
+        ref.add(p, y, x)
+    full = np.concatenate([p for _, p in ref.release(H)], axis=1)
+    level = np.rint(np.clip(full, 0, 1) * 255).astype(np.uint8)
+    g = zarr.open_group(str(tmp_path / "out" / "probabilities.zarr"), mode="r")
+    np.testing.assert_array_equal(g["0"][:], level)
+    for i in range(1, len(list(g.array_keys()))):
+        b = level.astype(np.uint16)
+        _, h, w = b.shape
+        b = np.pad(b, ((0, 0), (0, h % 2), (0, w % 2)), mode="edge")
+        level = ((b[:, 0::2, 0::2] + b[:, 1::2, 0::2] + b[:, 0::2, 1::2] + b[:, 1::2, 1::2] + 2) // 4).astype(np.uint8)
+        np.testing.assert_array_equal(g[str(i)][:], level)
+    assert json.loads((tmp_path / "out" / "progress.json").read_text())["bands_done"] == -(-H // cfg.chunk)

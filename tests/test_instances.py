@@ -13,8 +13,8 @@ from skimage.draw import disk
 
 from tests.conftest import write_png
 from wsiseg.cli import main
-from wsiseg.instances import InstancesError, _tie_broken, _window_labels, guard_px, write_instances
-from wsiseg.postprocess import PostprocessConfig, instances_from_probability
+from wsiseg.instances import InstancesError, guard_px, write_instances
+from wsiseg.postprocess import PostprocessConfig, instances_from_probability, tie_broken_relief
 from wsiseg.store import ProbabilityStore
 
 
@@ -41,8 +41,18 @@ def monuseg_run(tmp_path_factory, monuseg_image):
     """The shipped 20x model on a real 40x MoNuSeg crop: stored map at 0.5 um/px, 2 slide px per stored px."""
     d = tmp_path_factory.mktemp("inst")
     src = write_png(d / "breast.png", monuseg_image[:640, :640])
-    assert main(["run", "-q", str(src), "--mpp", "0.25", "-o", str(d / "out")]) == 0
+    assert main(["run", "-q", str(src), "--mpp", "0.25", "-o", str(d / "out"), "--instances"]) == 0
     return d / "out" / "breast"
+
+
+@pytest.mark.slow
+def test_run_with_instances_writes_labels_geojson_and_summary(monuseg_run):
+    summary = json.loads((monuseg_run / "summary.json").read_text())
+    assert summary["complete"] and summary["instances"]["instances"] > 50
+    lab = level0(monuseg_run, "probabilities.zarr/labels/nuclei")[0]
+    assert int(lab.max()) == summary["instances"]["label_ids"]
+    gj = json.loads((monuseg_run / "nuclei.geojson").read_text())
+    assert len(gj["features"]) == summary["instances"]["instances"]
 
 
 @pytest.mark.slow
@@ -149,20 +159,23 @@ def test_no_nuclei_writes_empty_outputs_and_incomplete_runs_are_refused(tmp_path
         write_instances(out, channel="lymphocyte")
 
 
-def synthetic_run(tmp_path, prob: np.ndarray, mpp: float = 0.5, scale: float = 1.5, chunk: int = 128):
-    out = tmp_path / "synth"
+def synthetic_run(tmp_path, prob: np.ndarray, mpp: float = 0.5, scale: float = 1.5, chunk: int = 128,
+                  marker: np.ndarray | None = None, name: str = "synth"):
+    out = tmp_path / name
     out.mkdir()
     H, W = prob.shape
-    attrs = {"mpp": mpp, "scale_from_level0": scale, "classes": ["nucleus"], "source": "synth"}
-    st = ProbabilityStore.create(out / "probabilities.zarr", (H, W), ["nucleus"], mpp, attrs, chunk)
+    classes = ["nucleus"] if marker is None else ["nucleus", "marker"]
+    maps = prob[None] if marker is None else np.stack([prob, marker])
+    attrs = {"mpp": mpp, "scale_from_level0": scale, "classes": classes, "source": "synth"}
+    st = ProbabilityStore.create(out / "probabilities.zarr", (H, W), classes, mpp, attrs, chunk)
     for b in range(-(-H // chunk)):
-        st.write_band(b, prob[None, b * chunk : (b + 1) * chunk])
+        st.write_band(b, maps[:, b * chunk : (b + 1) * chunk])
     st.build_pyramid()
     st.mark_complete({})
     return out
 
 
-def blobs(shape=(300, 340), cell=36, seed=0) -> np.ndarray:
+def blobs(shape=(300, 340), cell=36, seed=0, centres: list | None = None) -> np.ndarray:
     """A touching pair of nucleus-like discs per grid cell (each pair < 32 px across), noise, and
     one long band (a cluster far wider than a window)."""
     rng = np.random.default_rng(seed)
@@ -175,6 +188,8 @@ def blobs(shape=(300, 340), cell=36, seed=0) -> np.ndarray:
             for r, sgn in ((r1, 1), (r2, -1)):
                 rr, cc = disk((cy + sgn * d * np.sin(a), cx + sgn * d * np.cos(a)), r, shape=shape)
                 p[rr, cc] = rng.uniform(0.6, 1.0)
+                if centres is not None:
+                    centres.append((cy + sgn * d * np.sin(a), cx + sgn * d * np.cos(a)))
     p[150:158, 20:320] = 0.9  # a 300 px band
     return np.clip(p + rng.normal(0, 0.05, shape).astype(np.float32), 0, 1)
 
@@ -184,11 +199,10 @@ def test_synthetic_map_exact_with_retries_and_clipped_beyond_max_margin(tmp_path
     prob = blobs()
     out = synthetic_run(tmp_path, prob)
     m = level0(out)[0]
-    # symmetric discs make equally deep watershed markers: the reference is the whole map with
-    # those ties broken by raster order (instances_from_probability leaves them to heap layout)
-    ref = _window_labels(m, 0.5, PostprocessConfig())
+    # symmetric discs make equally deep watershed markers: split_watershed breaks those ties by
+    # raster order, so the whole map and every window split a cluster alike
+    ref = instances_from_probability(m, 0.5, PostprocessConfig())
     n = int(ref.max())
-    assert n == int(instances_from_probability(m, 0.5, PostprocessConfig()).max())
     assert guard_px(0.5, PostprocessConfig()) == 60
     # the band is wider than the margin: its windows are redone until it fits, exactly
     res = write_instances(out, window=64, margin=8, max_margin=512)
@@ -229,7 +243,7 @@ def test_tie_break_keeps_the_order_of_values_and_orders_equal_markers_by_raster(
     relief = -rng.integers(0, 4, (9, 11)).astype(np.float32)
     markers = (rng.random((9, 11)) > 0.7).astype(np.int32)
     mask = rng.random((9, 11)) > 0.2
-    key = _tie_broken(relief, markers, mask)
+    key = tie_broken_relief(relief, markers, mask)
     i = np.flatnonzero(mask)
     v, mk, k = relief.ravel()[i], markers.ravel()[i] != 0, key.ravel()[i]
     less, same = v[:, None] < v[None, :], v[:, None] == v[None, :]
@@ -238,3 +252,32 @@ def test_tie_break_keeps_the_order_of_values_and_orders_equal_markers_by_raster(
     assert (k[:, None] < k[None, :])[same & mk[:, None] & mk[None, :] & first].all()
     assert (k[:, None] < k[None, :])[same & mk[:, None] & ~mk[None, :]].all()
     assert (k[:, None] == k[None, :])[same & ~mk[:, None] & ~mk[None, :]].all()
+
+
+@pytest.mark.slow
+def test_predicted_markers_split_nuclei_and_windows_match_the_whole_map(tmp_path):
+    """A mask + marker map (USE-Net style): the marker channel is used automatically, each touching
+    pair is split by its two markers, and windows with seams give the whole-map partition."""
+    centres = []
+    prob = blobs(seed=3, centres=centres)
+    prob[150:158] = 0  # no band: every pair is a two-marker cluster
+    # markers: a small disc at each nucleus centre (a shrunken nucleus, as seed 002's shape markers)
+    mk = np.full(prob.shape, 0.05, np.float32)
+    for cy, cx in centres:
+        rr, cc = disk((cy, cx), 1.6, shape=prob.shape)
+        mk[rr, cc] = 0.9
+    out = synthetic_run(tmp_path, prob, marker=mk, name="marker")
+    m, k = level0(out)[0], level0(out)[1]
+    ref = instances_from_probability(m, 0.5, PostprocessConfig(), marker_prob=k)
+    dist = instances_from_probability(m, 0.5, PostprocessConfig())
+    assert not same_partition(ref, dist)  # the predicted markers, not the distance peaks, decide
+    assert int(ref.max()) > int(ndi.label(m > 127)[1])  # touching pairs were split
+    res = write_instances(out, window=64, margin=8)
+    lab = level0(out, "probabilities.zarr/labels/nuclei")[0]
+    assert res["instances"] == int(ref.max()) and res["clipped"] == 0
+    assert same_partition(ref, lab)
+    g = zarr.open_group(str(out / "probabilities.zarr/labels/nuclei"), mode="r")
+    assert g.attrs["wsiseg"]["marker_channel"] == "marker"
+    # the distance watershed is still there when asked for
+    write_instances(out, window=64, margin=8, marker_channel=None)
+    assert same_partition(dist, level0(out, "probabilities.zarr/labels/nuclei")[0])

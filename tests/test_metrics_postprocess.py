@@ -272,3 +272,32 @@ def test_classical_baselines_on_real_crop(breast):
         assert pixel_metrics(gt, inst)["dice"] > 0.5, name
     print("\n" + ", ".join(f"{k} AJI {v['aji']:.3f}" for k, v in res.items()))
     assert res["watershed"]["n_pred"] > res["otsu"]["n_pred"]  # the watershed splits
+
+
+@pytest.mark.slow
+def test_eval_through_the_engine_gives_seed_tables_and_a_tuned_threshold(tmp_path):
+    """`wsiseg eval` on one real MoNuSeg validation image with the shipped nucleus model: pixel and
+    instance metrics in the seeds' table layouts, JSON, tiles/s, and a threshold search whose
+    best AJI is at least the default threshold's (0.5 is on the grid)."""
+    import json
+
+    from tests.conftest import MONUSEG, need
+    from wsiseg.cli import main
+    from wsiseg.train.datasets import MONUSEG_VAL
+
+    need(MONUSEG)
+    js = tmp_path / "eval.json"
+    code = main(["eval", "--model", "unet-bn-monuseg-20x", "--data", str(MONUSEG), "--tune", "--json", str(js),
+                 "--image", MONUSEG_VAL[0]])
+    assert code == 0
+    res = json.loads(js.read_text())
+    assert res["images"] and res["images"][0].startswith(MONUSEG_VAL[0])
+    native = res["pooled"]["native"]
+    assert 0.6 < native["dice"] < 1.0  # a trained model on a real image
+    inst = res["instances_mean_per_image"]
+    assert 0.2 < inst["aji"] < 1.0 and 0.0 < inst["map"] < 1.0 and 0.0 < inst["pq"] < 1.0
+    assert res["tiles"] > 0 and res["tiles_per_second"] > 0
+    tuned = res["tuned"]
+    assert tuned["instances_mean_per_image"]["aji"] >= inst["aji"] - 1e-9
+    assert tuned["aji_grid"]["threshold=0.5"] == pytest.approx(inst["aji"])
+    assert not res["marker_channel"]

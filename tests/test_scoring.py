@@ -80,6 +80,24 @@ def lgbm_path(tmp_path_factory):
     return stem
 
 
+def test_batched_scoring_equals_patch_by_patch(lgbm_path):
+    """The run's LightGBM scorer computes features in a thread pool over a batch of windows of
+    mixed sizes; it must give what one patch at a time gives."""
+    from cellularity.proxy import load_consep
+    from cellularity.regressors import LightGBMRegressor
+    from wsiseg.scoring import _LGBM
+
+    names = sorted(p.stem for p in (CONSEP / "classes").glob("*.png"))[1::9][:6]
+    maps = [t.probs for t in load_consep(CONSEP, names)]
+    maps[0] = maps[0][:, :90, :70]  # a partial window
+    path = lgbm_path.with_name(lgbm_path.name + ".txt")
+    scorer = _LGBM(path)
+    ref = LightGBMRegressor.load(path).predict(np.stack([patch_features(m) for m in maps]))
+    np.testing.assert_allclose(scorer.predict(maps), ref, rtol=0, atol=1e-12)
+    assert len(np.unique(np.round(ref, 6))) > 1  # the patches differ, so order matters
+    assert scorer.predict([]).shape == (0,)
+
+
 @pytest.mark.slow
 def test_run_writes_cellularity_table_heatmap_and_summary(tmp_path, monuseg_image, lgbm_path):
     model = _class_model(tmp_path)

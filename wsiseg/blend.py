@@ -1,12 +1,21 @@
 """Seamless blending of overlapping tile predictions with bounded memory.
 
 Each tile's probabilities are weighted by a window and accumulated as a weighted sum and a
-weight per pixel; a pixel's value is sum / weight. Accumulators live per band of ``band`` rows
-(the store's chunk height) and a band is released, normalised, as soon as no later tile can touch
-it, so memory is bounded by about (tile + band) rows of the image, never the whole slide.
+weight per pixel; a pixel's value is sum / weight. :class:`BandBlender` keeps accumulators per
+band of ``band`` rows (the store's chunk height) across the whole width and releases a band as
+soon as no later tile can touch it: memory follows the slide's width. :class:`ChunkBlender`
+(what the pipeline uses) keeps them per block of one band by a few chunk widths and releases
+each block once its last tile is in; with tiles in :func:`wsiseg.tiling.window_blocks` order its
+memory is a few blocks plus the strip the current band's tiles reach into the next, and its
+output is bit-identical to :class:`BandBlender`'s.
 """
 from __future__ import annotations
 
+import mmap
+import os
+import shutil
+import tempfile
+import time
 from typing import Iterator
 
 import numpy as np
@@ -30,6 +39,69 @@ def window(tile: int, kind: str = "hann") -> np.ndarray:
     else:
         raise ValueError(f"unknown window {kind!r}; use hann, gaussian or flat")
     return np.outer(w1, w1).astype(np.float32)
+
+
+def trim_heap(every: float = 0.0) -> None:
+    """Hand malloc's free memory back to the system (glibc's ``malloc_trim``; elsewhere nothing),
+    unless the last call was less than ``every`` seconds ago.
+
+    Buffers of the model, the reader threads and Zarr's codecs come and go in every batch; the
+    holes they leave in malloc's heaps otherwise keep the RSS creeping up over a long run, more
+    so the wider the slide. One call takes a few milliseconds."""
+    global _malloc_trim, _last_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    now = time.monotonic()
+    if _malloc_trim and now - _last_trim >= every:
+        _malloc_trim(0)
+        _last_trim = now
+
+
+_malloc_trim = None
+_last_trim = -1e9
+
+
+class BufferPool:
+    """float32 arrays of 1 MB or more on pages of their own (anonymous mmap), recycled.
+
+    The blender's blocks come and go all the run; taken from malloc's heap, they would leave it
+    fragmented and the process's RSS creeping up with the slide's size, and fresh mappings
+    would cost a page fault per 4 kB. Buffers handed back with :meth:`give` (up to
+    ``max_bytes`` of them) serve the next request of the same size.
+    """
+
+    def __init__(self, max_bytes: int = 24 * 2**20):
+        self.max_bytes = max_bytes
+        self._free: dict[int, list[mmap.mmap]] = {}
+        self._bytes = 0
+
+    def zeros(self, shape: tuple[int, ...]) -> np.ndarray:
+        n = int(np.prod(shape)) * 4
+        if n < 2**20:
+            return np.zeros(shape, np.float32)
+        free = self._free.get(n)
+        if free:
+            self._bytes -= n
+            a = np.frombuffer(free.pop(), np.float32).reshape(shape)
+            a.fill(0)
+            return a
+        return np.frombuffer(mmap.mmap(-1, n), np.float32).reshape(shape)
+
+    def give(self, *arrays: np.ndarray) -> None:
+        """Take back arrays made by :meth:`zeros` that nothing uses any more."""
+        for a in arrays:
+            m = a.base
+            while m is not None and not isinstance(m, mmap.mmap):
+                m = m.obj if isinstance(m, memoryview) else getattr(m, "base", None)
+            if m is None or a.nbytes != len(m) or self._bytes + len(m) > self.max_bytes:
+                continue  # from the heap, a part of a buffer, or the pool is full: let it go
+            self._free.setdefault(len(m), []).append(m)
+            self._bytes += len(m)
 
 
 class BandBlender:
@@ -102,3 +174,203 @@ class BandBlender:
     @property
     def open_bands(self) -> int:
         return len(self._acc)
+
+
+class ChunkBlender:
+    """The same weighted accumulation as :class:`BandBlender`, held in blocks of ``band`` rows by
+    ``cols`` columns (a multiple of the store's chunk width) instead of whole-width bands.
+
+    ``expect(y, x)`` announces each tile before the first ``add``; a block is released, normalised,
+    once every tile announced for it has been added. With tiles in the order of
+    :func:`wsiseg.tiling.window_blocks`, what is open at a time is a few blocks of the current
+    band plus the strip that its tiles reach into the next band (``tile - stride`` rows, or so,
+    allocated only as deep as tiles reach). That strip spans the width: once the current band's
+    blocks in its columns are released, its blocks wait for the next band's pass, in memory up
+    to ``spill_mb`` and beyond that in a temporary folder (``spill_dir``, default the system's),
+    read back when the next band reaches them; memory is then flat in the slide's size. Values
+    are bit-identical to :class:`BandBlender` when every pixel receives its tiles in the same
+    order (window_blocks guarantees that). Blocks live in recycled buffers of their own pages
+    (:class:`BufferPool`). Call :meth:`close` (or use ``with``) to remove the temporary folder
+    early.
+    """
+
+    def __init__(self, shape: tuple[int, int], channels: int, tile: int, band: int, kind: str = "hann",
+                 first_band: int = 0, stop_band: int | None = None, cols: int | None = None,
+                 spill_mb: float = 16, spill_dir: str | None = None):
+        self.H, self.W = shape
+        self.C = channels
+        self.band = band
+        self.cols = cols or band
+        self.win = window(tile, kind)
+        self.tile = tile
+        n = -(-self.H // band)
+        self.n_bands = n if stop_band is None else min(stop_band, n)
+        self.first_band = first_band
+        self.n_cols = -(-self.W // self.cols)
+        # tiles still to come, per block (band - first_band, column block)
+        self._pending = np.zeros((max(0, self.n_bands - first_band), self.n_cols), np.int32)
+        self._acc: dict[tuple[int, int], list[np.ndarray]] = {}  # (band, col block) -> [sum, weight]
+        self._next = (first_band, 0)  # the first block not yet released
+        self._waiting: dict[tuple[int, int], int] = {}  # blocks waiting for a later band: bytes in memory
+        self._waiting_bytes = 0
+        self._spill_bytes = int(spill_mb * 2**20)
+        self._spill_root = spill_dir
+        self._spill_dir: str | None = None
+        self._spilled: dict[tuple[int, int], tuple[str, int]] = {}  # block -> (file, rows)
+        self.spilled_blocks = 0  # how many blocks went through the disk (statistics)
+        self._pool = BufferPool()
+        self._lent: list[np.ndarray] = []  # released blocks, back to the pool at the next step
+
+    def __enter__(self) -> "ChunkBlender":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove the spill folder, if any."""
+        if self._spill_dir is not None:
+            shutil.rmtree(self._spill_dir, ignore_errors=True)
+            self._spill_dir = None
+            self._spilled.clear()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
+
+    def _span(self, y: int, x: int) -> tuple[int, int, int, int] | None:
+        """Bands [b0, b1) and column blocks [k0, k1) that a tile at (y, x) contributes to."""
+        T = self.tile
+        x0, x1 = max(x, 0), min(x + T, self.W)
+        y0, y1 = max(y, 0, self.first_band * self.band), min(y + T, self.H, self.n_bands * self.band)
+        if x1 <= x0 or y1 <= y0:
+            return None
+        return y0 // self.band, -(-y1 // self.band), x0 // self.cols, -(-x1 // self.cols)
+
+    def expect(self, y: int, x: int) -> None:
+        """Announce a tile at model px (y, x) that will be added later."""
+        sp = self._span(y, x)
+        if sp is not None:
+            b0, b1, k0, k1 = sp
+            self._pending[b0 - self.first_band : b1 - self.first_band, k0:k1] += 1
+
+    def _take(self, key: tuple[int, int]) -> list[np.ndarray] | None:
+        """The accumulators of a block, back in memory if they were spilled; no longer waiting."""
+        nbytes = self._waiting.pop(key, None)
+        if nbytes is not None:
+            self._waiting_bytes -= nbytes
+        spilled = self._spilled.pop(key, None)
+        if spilled is None:
+            return self._acc.get(key)
+        path, rows = spilled
+        w = min(self.cols, self.W - key[1] * self.cols)
+        acc = [self._pool.zeros((self.C, rows, w)), self._pool.zeros((rows, w))]
+        with open(path, "rb") as f:
+            if f.readinto(acc[0]) != acc[0].nbytes or f.readinto(acc[1]) != acc[1].nbytes:
+                raise OSError(f"{path}: spilled blending block cut short")
+        os.remove(path)
+        self._acc[key] = acc
+        return acc
+
+    def _wait_or_spill(self, key: tuple[int, int]) -> None:
+        """A block that the current band's tiles are done with waits for a later band's: in
+        memory while the waiting blocks fit in ``spill_mb``, else on disk."""
+        acc = self._acc[key]
+        nbytes = acc[0].nbytes + acc[1].nbytes
+        if self._waiting_bytes + nbytes <= self._spill_bytes:
+            self._waiting[key] = nbytes
+            self._waiting_bytes += nbytes
+            return
+        if self._spill_dir is None:
+            self._spill_dir = tempfile.mkdtemp(prefix="wsiseg-blend-", dir=self._spill_root)
+        path = os.path.join(self._spill_dir, f"{key[0]}-{key[1]}.f32")
+        with open(path, "wb") as f:
+            acc[0].tofile(f)
+            acc[1].tofile(f)
+        self._spilled[key] = (path, acc[1].shape[0])
+        del self._acc[key]
+        self._pool.give(*acc)
+        self.spilled_blocks += 1
+
+    def _get(self, b: int, k: int, rows: int, full: bool) -> list[np.ndarray]:
+        """The accumulators of block (b, k), at least ``rows`` deep (the band's full height when
+        ``full``: a tile that starts in this band; else only as deep as asked, e.g. the strip
+        that the band above's tiles reach into)."""
+        acc = self._take((b, k)) if self._waiting or self._spilled else self._acc.get((b, k))
+        if acc is None or acc[1].shape[0] < rows:
+            band_rows = min(self.band, self.H - b * self.band)
+            n = band_rows if full else rows
+            w = min(self.cols, self.W - k * self.cols)
+            s, wsum = self._pool.zeros((self.C, n, w)), self._pool.zeros((n, w))
+            if acc is not None:
+                m = acc[1].shape[0]
+                s[:, :m] = acc[0]
+                wsum[:m] = acc[1]
+                self._pool.give(*acc)
+            acc = [s, wsum]
+            self._acc[(b, k)] = acc
+        return acc
+
+    def add(self, probs: np.ndarray, y: int, x: int, weighted: bool = False) -> None:
+        """Accumulate one announced tile's probabilities (C, T, T) float32 at model px (y, x);
+        ``weighted``: ``probs`` is already multiplied by the window (e.g. a whole batch at once)."""
+        sp = self._span(y, x)
+        if sp is None:
+            return
+        b0, b1, k0, k1 = sp
+        pend = self._pending[b0 - self.first_band : b1 - self.first_band, k0:k1]
+        if (pend <= 0).any():
+            raise RuntimeError(f"tile at ({y}, {x}) was not announced, or its blocks were already released")
+        pend -= 1
+        T, bh, cw = self.tile, self.band, self.cols
+        pw = probs if weighted else probs * self.win
+        ya, yb = max(y, 0, self.first_band * bh), min(y + T, self.H, self.n_bands * bh)
+        xa, xb = max(x, 0), min(x + T, self.W)
+        for b in range(b0, b1):
+            ty0, ty1 = max(ya, b * bh) - y, min(yb, (b + 1) * bh) - y
+            r0, r1 = ty0 + y - b * bh, ty1 + y - b * bh
+            full = max(y, 0) >= b * bh  # the tile starts in this band
+            for k in range(k0, k1):
+                tx0, tx1 = max(xa, k * cw) - x, min(xb, (k + 1) * cw) - x
+                c0, c1 = tx0 + x - k * cw, tx1 + x - k * cw
+                s, wsum = self._get(b, k, r1, full)
+                s[:, r0:r1, c0:c1] += pw[:, ty0:ty1, tx0:tx1]
+                wsum[r0:r1, c0:c1] += self.win[ty0:ty1, tx0:tx1]
+
+    def release(self) -> Iterator[tuple[int, int, np.ndarray]]:
+        """Yield (band, first column, (C, rows, width) float32 probabilities) for each block, in
+        band then column order, as soon as it and every block before it have all their tiles
+        (a block no tile touches: zeros). After the last block of a band, the band is final.
+        Each array is valid until the loop asks for the next (its buffer is then reused): write
+        or copy it, do not keep it."""
+        self._pool.give(*self._lent)
+        self._lent.clear()
+        while self._next[0] < self.n_bands:
+            b, k = self._next
+            if self._pending[b - self.first_band, k]:
+                return
+            rows = min(self.band, self.H - b * self.band)
+            w = min(self.cols, self.W - k * self.cols)
+            out = self._pool.zeros((self.C, rows, w))
+            acc = self._take((b, k))
+            self._acc.pop((b, k), None)
+            if acc is not None:
+                s, wsum = acc
+                n = wsum.shape[0]
+                np.divide(s, wsum, out=out[:, :n], where=wsum > 1e-6)
+                self._pool.give(s, wsum)
+            # the blocks below in these columns have every tile of this band: they wait
+            for key in [key for key in self._acc if key[1] == k and key[0] > b and key not in self._waiting]:
+                self._wait_or_spill(key)
+            self._next = (b, k + 1) if k + 1 < self.n_cols else (b + 1, 0)
+            self._lent.append(out)
+            yield b, k * self.cols, out
+            self._pool.give(*self._lent)
+            self._lent.clear()
+
+    @property
+    def open_blocks(self) -> int:
+        """Blocks with accumulators, in memory or spilled."""
+        return len(self._acc) + len(self._spilled)

@@ -221,30 +221,36 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from wsiseg.evaluate import evaluate_monuseg
+    from wsiseg.evaluate import evaluate_monuseg, results_tables
     from wsiseg.models.registry import ModelError, load_model
+    from wsiseg.pipeline import postprocess_config
     from wsiseg.predict import Predictor
+    from wsiseg.train.datasets import MONUSEG_VAL
 
-    try:
-        model = load_model(args.model)
-    except ModelError as e:
-        print(f"wsiseg: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    res = evaluate_monuseg(Predictor(model, args.device), args.data)
-    res["model"] = model.id
-    print(f"{'image':32s} {'Dice@model':>10s} {'Dice@native':>11s}")
-    for name, m in res["per_image"].items():
-        print(f"{name:32s} {m['model_mpp']['dice']:10.4f} {m['native']['dice']:11.4f}")
-    for k in ("model_mpp", "native"):
-        p = res["pooled"][k]
-        print(f"pooled @{k}: Dice {p['dice']:.4f} Jaccard {p['jaccard']:.4f} precision {p['precision']:.4f} "
-              f"recall {p['recall']:.4f} accuracy {p['accuracy']:.4f}")
-    im = res.get("instances_mean_per_image")
-    if im:
-        print(f"instances (mean per image, watershed): AJI {im['aji']:.4f} PQ {im['pq']:.4f} mAP {im['map']:.4f} "
-              f"mAP_dsb {im['map_dsb']:.4f} F1@0.5 {im['f1@0.5']:.4f} F1@0.7 {im['f1@0.7']:.4f}")
+    results = []
+    for name in args.model or [None]:
+        try:
+            model = load_model(name)
+        except ModelError as e:
+            print(f"wsiseg: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"evaluating {model.id} on {args.data} (validation split) ...", file=sys.stderr)
+        res = evaluate_monuseg(Predictor(model, args.device), args.data, names=args.image or MONUSEG_VAL,
+                               post=postprocess_config(model.meta), tune=args.tune)
+        results.append(res)
+        print(f"{'image':32s} {'Dice@model':>10s} {'Dice@native':>11s} {'AJI':>7s}")
+        for img, m in res["per_image"].items():
+            print(f"{img:32s} {m['model_mpp']['dice']:10.4f} {m['native']['dice']:11.4f} "
+                  f"{m.get('instances', {}).get('aji', float('nan')):7.4f}")
+        if res.get("tuned"):
+            t = res["tuned"]["postprocess"]
+            print(f"tuned on these images: threshold {t['threshold']}"
+                  + (f", marker threshold {t['marker_threshold']}" if res["marker_channel"] else ""))
+    print()
+    print(results_tables(results))
     if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2, default=float))
+        out = results[0] if len(results) == 1 else {"models": results}
+        Path(args.json).write_text(json.dumps(out, indent=2, default=float))
     return EXIT_OK
 
 
@@ -304,9 +310,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default=None)
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="pixel Dice/Jaccard of a model on the MoNuSeg validation split, through the engine")
-    e.add_argument("--model", default=None)
+    e = sub.add_parser("eval", help="pixel and instance metrics (Dice, Jaccard, AJI, PQ, mAP, F1@0.5/0.7) and tiles/s of models on the MoNuSeg validation split, through the engine")
+    e.add_argument("--model", action="append", default=None,
+                   help="a registry model or weights file; repeat to put several in one table (default: the default model)")
     e.add_argument("--data", default="../shared/data/monuseg/train")
+    e.add_argument("--image", action="append", default=None,
+                   help="evaluate only these validation images (name prefixes; default: the whole split)")
+    e.add_argument("--tune", action="store_true",
+                   help="also search the thresholds that maximise AJI on these images (optimistic; reported apart)")
     e.add_argument("--device", default="auto")
     e.add_argument("--json", default=None, help="write the metrics here")
     e.set_defaults(func=cmd_eval)

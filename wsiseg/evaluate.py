@@ -10,7 +10,9 @@ the upsampled probabilities (distance-transform watershed by default).
 """
 from __future__ import annotations
 
+import dataclasses
 import tempfile
+import time
 from pathlib import Path
 
 import cv2
@@ -20,7 +22,7 @@ from PIL import Image
 
 from wsiseg.metrics import instance_metrics, mean_metrics
 from wsiseg.pipeline import RunConfig, run_slide
-from wsiseg.postprocess import PostprocessConfig, instances_from_probability
+from wsiseg.postprocess import PostprocessConfig, instances_from_probability, search_threshold
 from wsiseg.predict import Predictor
 from wsiseg.train.datasets import MONUSEG_MPP, MONUSEG_VAL, resample
 
@@ -44,27 +46,55 @@ def _summarise(c: dict) -> dict:
     }
 
 
+def _channel(classes: list[str], name: str) -> int | None:
+    return classes.index(name) if name in classes else None
+
+
 def evaluate_monuseg(predictor: Predictor, root: str | Path, names: list[str] = MONUSEG_VAL,
-                     threshold: float = 0.5, post: PostprocessConfig | None = PostprocessConfig()) -> dict:
-    """Pixel metrics pooled over the validation images, at the model's and at native resolution."""
+                     threshold: float = 0.5, post: PostprocessConfig | None = PostprocessConfig(),
+                     tune: bool = False) -> dict:
+    """Pixel metrics pooled over the validation images, at the model's and at native resolution;
+    instance metrics (mean per image) from ``post`` (predicted shape markers when the model has a
+    ``marker`` channel); the engine's tiles/s over these images.
+
+    ``tune``: also search the probability threshold (and the marker threshold of a mask + marker
+    model) that maximises the mean AJI over these same images (:func:`search_threshold`); the
+    result's ``"tuned"`` holds the chosen post-processing and its metrics, which are then
+    optimistic for this split.
+    """
     root = Path(root)
     pooled = {"model_mpp": dict.fromkeys(("tp", "fp", "fn", "tn"), 0.0), "native": dict.fromkeys(("tp", "fp", "fn", "tn"), 0.0)}
     per_image = {}
     inst = []
+    classes = list(predictor.model.classes)
+    ci = _channel(classes, "nucleus")
+    ci = 0 if ci is None else ci
+    mi = _channel(classes, "marker")
+    n_tiles, seconds = 0, 0.0
+    maps = []  # (native probability, native marker or None, ground-truth instances) for tuning
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             files = sorted((root / "images").glob(f"{name}*.png"))
             if not files:
                 raise FileNotFoundError(f"{root}/images: no image {name}*.png")
             f = files[0]
+            t0 = time.perf_counter()
             res = run_slide(f, Path(tmp) / f.stem, predictor, RunConfig(mpp=MONUSEG_MPP, tissue=False, cellularity=False))
-            prob = zarr.open_group(str(res.out_dir / "probabilities.zarr"), mode="r")["0"][0].astype(np.float32) / 255
+            seconds += time.perf_counter() - t0
+            n_tiles += int(res.summary.get("tiles_inferred_this_run") or 0)
+            arr = zarr.open_group(str(res.out_dir / "probabilities.zarr"), mode="r")["0"]
+            prob = arr[ci].astype(np.float32) / 255
+            marker = None if mi is None else arr[mi].astype(np.float32) / 255
             gt_native = np.asarray(Image.open(root / "masks" / f.name)) > 0
             scale = MONUSEG_MPP / predictor.model.mpp
             gt_model = resample(gt_native.astype(np.float32), scale) >= 0.5
             gt_model = gt_model[: prob.shape[0], : prob.shape[1]]
             prob = prob[: gt_model.shape[0], : gt_model.shape[1]]
             up = cv2.resize(prob, gt_native.shape[::-1], interpolation=cv2.INTER_LINEAR)
+            up_marker = None
+            if marker is not None:
+                marker = marker[: gt_model.shape[0], : gt_model.shape[1]]
+                up_marker = cv2.resize(marker, gt_native.shape[::-1], interpolation=cv2.INTER_LINEAR)
             c_model = _scores(prob >= threshold, gt_model)
             c_native = _scores(up >= threshold, gt_native)
             for k in c_model:
@@ -73,17 +103,82 @@ def evaluate_monuseg(predictor: Predictor, root: str | Path, names: list[str] = 
             per_image[f.stem] = {"model_mpp": _summarise(c_model), "native": _summarise(c_native)}
             if post is not None:
                 gt_inst = np.asarray(Image.open(root / "instances" / f.name)).astype(np.int64)
-                pred_inst = instances_from_probability(up, MONUSEG_MPP, post)
+                pred_inst = instances_from_probability(up, MONUSEG_MPP, post, marker_prob=up_marker)
                 m = instance_metrics(gt_inst, pred_inst)
                 per_image[f.stem]["instances"] = m
                 inst.append(m)
-    return {
+                if tune:
+                    maps.append((up, up_marker, gt_inst))
+    out = {
+        "model": predictor.model.id,
         "images": list(per_image),
         "threshold": threshold,
         "model_mpp": predictor.model.mpp,
         "native_mpp": MONUSEG_MPP,
         "pooled": {k: _summarise(v) for k, v in pooled.items()},
         "instances_mean_per_image": mean_metrics(inst) if inst else None,
-        "postprocess": None if post is None else post.__dict__,
+        "postprocess": None if post is None else dataclasses.asdict(post),
+        "marker_channel": mi is not None,
+        "tiles": n_tiles,
+        "seconds": round(seconds, 3),
+        "tiles_per_second": round(n_tiles / seconds, 2) if seconds > 0 else None,
+        "device": str(predictor.device),
         "per_image": per_image,
     }
+    if tune and maps:
+        out["tuned"] = tune_postprocess(maps, post)
+    return out
+
+
+def tune_postprocess(maps, post: PostprocessConfig, thresholds=tuple(np.round(np.arange(0.3, 0.71, 0.05), 2)),
+                     marker_thresholds=(0.3, 0.4, 0.5, 0.6, 0.7)) -> dict:
+    """Grid search of the probability threshold (and marker threshold) for the mean AJI over
+    ``maps`` [(probability, marker or None, ground-truth instances)] at native resolution."""
+    probs = [m[0] for m in maps]
+    gts = [m[2] for m in maps]
+    has_marker = maps[0][1] is not None
+    best = (-1.0, None)
+    grid = {}
+    for mt in (marker_thresholds if has_marker else (post.marker_threshold,)):
+        cfg = dataclasses.replace(post, marker_threshold=float(mt))
+        thr, scores = search_threshold(probs, gts, "aji", MONUSEG_MPP, thresholds, cfg,
+                                       markers_list=[m[1] for m in maps] if has_marker else None)
+        for t, v in scores.items():
+            grid[f"threshold={t},marker_threshold={mt}" if has_marker else f"threshold={t}"] = v
+        if scores[thr] > best[0]:
+            best = (scores[thr], dataclasses.replace(cfg, threshold=float(thr)))
+    cfg = best[1]
+    inst = [instance_metrics(g, instances_from_probability(p, MONUSEG_MPP, cfg, marker_prob=mk)) for p, mk, g in maps]
+    return {"postprocess": dataclasses.asdict(cfg), "instances_mean_per_image": mean_metrics(inst),
+            "aji_grid": grid, "note": "chosen on the same images: optimistic for this split"}
+
+
+PIXEL_COLUMNS = (("Jaccard", "jaccard"), ("F1", "dice"), ("Recall", "recall"), ("Precision", "precision"),
+                 ("Accuracy", "accuracy"))
+INSTANCE_COLUMNS = (("AJI", "aji"), ("PQ", "pq"), ("mAP", "map"), ("F1(0.7)", "f1@0.7"), ("Recall(0.7)", "recall@0.7"),
+                    ("Precision(0.7)", "precision@0.7"), ("F1(0.5)", "f1@0.5"), ("Recall(0.5)", "recall@0.5"),
+                    ("Precision(0.5)", "precision@0.5"))
+
+
+def results_tables(results: list[dict], resolution: str = "native") -> str:
+    """Markdown tables in the seeds' layouts: pixel metrics and tiles/s as seed 000's Table III,
+    instance metrics as seed 001's Table 2 (plus PQ)."""
+    lines = ["| Model | " + " | ".join(c for c, _ in PIXEL_COLUMNS) + " | tiles/s |",
+             "|---" * (len(PIXEL_COLUMNS) + 2) + "|"]
+    for r in results:
+        p = r["pooled"][resolution]
+        tps = r.get("tiles_per_second")
+        lines.append(f"| {r['model']} | " + " | ".join(f"{p[k]:.3f}" for _, k in PIXEL_COLUMNS)
+                     + f" | {tps if tps is not None else '-'} |")
+    rows = []
+    for r in results:
+        if r.get("instances_mean_per_image"):
+            rows.append((r["model"], r["instances_mean_per_image"]))
+        if r.get("tuned"):
+            rows.append((r["model"] + " (thresholds tuned on this split)", r["tuned"]["instances_mean_per_image"]))
+    if rows:
+        lines += ["", "| Model | " + " | ".join(c for c, _ in INSTANCE_COLUMNS) + " |",
+                  "|---" * (len(INSTANCE_COLUMNS) + 1) + "|"]
+        for name, m in rows:
+            lines.append(f"| {name} | " + " | ".join(f"{m.get(k, float('nan')):.4f}" for _, k in INSTANCE_COLUMNS) + " |")
+    return "\n".join(lines)

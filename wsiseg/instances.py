@@ -59,13 +59,14 @@ further than its threshold:
   (value, age); ages are handed out in push order, which restricted to one component does not
   depend on the others, except for the markers: skimage pushes them all with age 0, so equally
   deep markers leave the heap in an order set by the heap's layout, i.e. by all markers of the
-  image. The one change: windows flood order-preserving integer keys in which such ties go by
-  raster order (:func:`_tie_broken`). On maps without equally deep markers in one cluster (the
-  real map in the tests) the result is exactly :func:`instances_from_probability`'s; with such
-  ties (symmetric synthetic discs) the two may split a cluster differently, and only the
-  tie-broken split is the same in every window.
+  image. :func:`wsiseg.postprocess.split_watershed` therefore floods order-preserving integer
+  keys in which such ties go by raster order (:func:`wsiseg.postprocess.tie_broken_relief`), so
+  a cluster is split alike in every window and in the whole map.
+* predicted shape markers (a mask + marker model: ``marker_channel``) are the connected
+  components of the thresholded marker map inside the cleaned mask, specks of at most
+  ``min_marker_um2`` removed: local within that many px, which the guard includes.
 
-Hence ``guard = a + h + 2 r + 4`` px (one of them slack): 60 px at 0.5 um/px with the default
+Hence ``guard = a + h + 2 r + 4`` px (``a`` the larger of the two speck sizes) (one of them slack): 60 px at 0.5 um/px with the default
 config (``a`` = 12, ``h`` = 40, ``r`` = 2).
 A window is accepted when every component touching its core passes this test. If one does
 not (a cluster reaching more than ``margin`` px beyond the core), the window is redone with
@@ -75,7 +76,7 @@ cut at the core borders: each instance's part inside the core becomes an instanc
 (``clipped``) and reported in a warning; the label image still has every pixel written once.
 The argument covers ``split="none"`` and the default ``markers="peaks"``;
 ``markers="hmaxima"`` reconstructs through the background and is exact except, rarely, for tiny
-components whose distance never exceeds ``h_um``. Predicted marker maps are not used here.
+components whose distance never exceeds ``h_um``.
 """
 from __future__ import annotations
 
@@ -96,11 +97,7 @@ from scipy import ndimage as ndi
 
 from wsiseg.postprocess import (
     PostprocessConfig,
-    _distance,
-    clean_mask,
-    distance_markers,
     instances_from_probability,
-    split_watershed,
     um2_to_px,
     um_to_px,
 )
@@ -120,7 +117,7 @@ class InstancesError(SlideError):
 
 def guard_px(mpp: float, cfg: PostprocessConfig) -> int:
     """Pixels between a window side and any component whose instances are exact (see module doc)."""
-    a = int(um2_to_px(cfg.min_area_um2, mpp))
+    a = int(um2_to_px(max(cfg.min_area_um2, cfg.min_marker_um2), mpp))
     h = int(um2_to_px(cfg.max_hole_um2, mpp))
     r = int(4.0 * um_to_px(cfg.smooth_um, mpp) + 0.5) if cfg.smooth_um > 0 else 0
     return a + h + 2 * r + 4
@@ -217,45 +214,11 @@ def _feature(mask: np.ndarray, x0: int, y0: int, scale: float, mpp: float, gid: 
 # ------------------------------------------------------------------------------ windows
 
 
-def _tie_broken(relief: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """``relief`` as float64 keys in the same order, but with ties between marker pixels broken by
-    raster order (and marker pixels still before other pixels of equal value).
-
-    skimage's watershed pushes all markers with age 0, so markers of equal value leave its heap in
-    an order set by the heap's layout, i.e. by every other marker in the image: two touching
-    nuclei with equally deep centres could be split differently in two windows. With distinct
-    keys every tie is decided by value, then age, both local to the connected component.
-    """
-    inside = mask.ravel()
-    vals = relief.ravel()[inside]
-    _, rank = np.unique(vals, return_inverse=True)  # dense rank of the value: order-preserving
-    mk = (markers.ravel()[inside] != 0)
-    n_mk = int(np.count_nonzero(mk))
-    key = rank.astype(np.int64) * (n_mk + 1) + n_mk  # non-markers: after the markers of their value
-    key[mk] -= n_mk - np.arange(n_mk)  # markers: raster rank among markers
-    out = np.zeros(relief.size, np.float64)  # float64 holds these integers exactly (< 2**53)
-    out[inside] = key
-    return out.reshape(relief.shape)
-
-
-def _window_labels(prob: np.ndarray, mpp: float, cfg: PostprocessConfig) -> np.ndarray:
-    """:func:`instances_from_probability` for one window, with the watershed's marker ties broken
-    locally (:func:`_tie_broken`), so a window and the whole map split every cluster alike.
-
-    Same steps and calls as :func:`instances_from_probability` (no marker map); it returns the
-    same labels whenever no two markers of one cluster are equally deep, and the test suite
-    checks it against that function on a real map. With ``compactness > 0`` or ``split="none"``
-    it is that function.
-    """
-    if cfg.split != "watershed" or cfg.compactness != 0:
-        return instances_from_probability(prob, mpp, cfg)
-    p = prob.astype(np.float32) / 255
-    mask = clean_mask(p > cfg.threshold, mpp, cfg.min_area_um2, cfg.max_hole_um2)
-    if not mask.any():
-        return np.zeros(mask.shape, np.uint32)
-    d = _distance(mask, mpp, cfg.smooth_um)
-    markers = distance_markers(mask, mpp, cfg.markers, cfg.min_distance_um, cfg.h_um, cfg.smooth_um, distance=d)
-    return split_watershed(mask, mpp, markers=markers, relief=_tie_broken(-d, markers, mask), cfg=cfg)
+def _window_labels(prob: np.ndarray, mpp: float, cfg: PostprocessConfig,
+                   marker: np.ndarray | None = None) -> np.ndarray:
+    """:func:`instances_from_probability` of one window (uint8 maps; ``marker`` the predicted
+    shape-marker map of a mask + marker model, or None for distance-transform markers)."""
+    return instances_from_probability(prob, mpp, cfg, marker_prob=marker)
 
 
 class _Window:
@@ -270,7 +233,8 @@ class _Window:
 
 
 def _process_window(arr, c: int, core: tuple[int, int, int, int], shape: tuple[int, int], margin: int,
-                    max_margin: int, guard: int, mpp: float, cfg: PostprocessConfig) -> tuple[_Window | None, int]:
+                    max_margin: int, guard: int, mpp: float, cfg: PostprocessConfig,
+                    mc: int | None = None) -> tuple[_Window | None, int]:
     """Instances of the window around ``core`` (y0, y1, x0, x1 in the map), grown until every
     component touching the core is exact or the margin is ``max_margin``; (None if the core
     holds no instance, retries)."""
@@ -284,7 +248,8 @@ def _process_window(arr, c: int, core: tuple[int, int, int, int], shape: tuple[i
         prob = np.asarray(arr[c, ey0:ey1, ex0:ex1])
         if not (prob.astype(np.float32) / np.float32(255) > thr).any():
             return None, retries
-        lab = _window_labels(prob, mpp, cfg)  # labels 1..n
+        marker = None if mc is None else np.asarray(arr[mc, ey0:ey1, ex0:ex1])
+        lab = _window_labels(prob, mpp, cfg, marker)  # labels 1..n
         cy0, cy1, cx0, cx1 = y0 - ey0, y1 - ey0, x0 - ex0, x1 - ex0
         in_core = np.unique(lab[cy0:cy1, cx0:cx1])
         in_core = in_core[in_core > 0]
@@ -372,7 +337,7 @@ def _label_pyramid(lg: zarr.Group, n: int, chunk: int) -> None:
 
 
 def write_instances(out_dir: str | Path, cfg: PostprocessConfig | None = None, channel: str = "nucleus",
-                    window: int = 2048, margin: int = 64, max_margin: int = 512,
+                    marker_channel: str | None = "auto", window: int = 2048, margin: int = 64, max_margin: int = 512,
                     log: logging.Logger | None = None,
                     progress: Callable[[int], None] | None = None) -> dict:
     """Nucleus instances of a finished run folder: label image + QuPath GeoJSON (see module doc).
@@ -382,6 +347,8 @@ def write_instances(out_dir: str | Path, cfg: PostprocessConfig | None = None, c
         cfg: post-processing (threshold, cleaning, splitting; sizes in um); default
             ``PostprocessConfig()``.
         channel: the probability channel to segment.
+        marker_channel: the predicted shape-marker channel for a marker-controlled watershed
+            (seed 002); "auto" uses the channel ``marker`` when the map has one, None never.
         window: core size in stored (model) px; multiples of the chunk (512) read best.
         margin: how far (px) an instance cluster may reach beyond a core and still be exact on the
             first try; windows with larger clusters are redone with doubled margin.
@@ -407,6 +374,12 @@ def write_instances(out_dir: str | Path, cfg: PostprocessConfig | None = None, c
     if window < 16 or margin < 0 or max_margin < margin:
         raise ValueError(f"need window >= 16 and 0 <= margin <= max_margin (got {window}, {margin}, {max_margin})")
     grp, attrs, level0, c = _open_run(out_dir, channel)
+    classes = list(attrs.get("classes") or [ch["label"] for ch in grp.attrs["omero"]["channels"]])
+    if marker_channel == "auto":
+        marker_channel = "marker" if "marker" in classes else None
+    if marker_channel is not None and marker_channel not in classes:
+        raise InstancesError(f"{out_dir}: no marker channel {marker_channel!r} (channels: {', '.join(classes)})")
+    mc = None if marker_channel is None else classes.index(marker_channel)
     store = out_dir / "probabilities.zarr"
     mpp = float(attrs["mpp"])
     scale = float(attrs.get("scale_from_level0", 1.0))
@@ -421,6 +394,7 @@ def write_instances(out_dir: str | Path, cfg: PostprocessConfig | None = None, c
     geo_path.unlink(missing_ok=True)  # never leave a stale file beside a new label image
     lattrs = {
         "channel": channel,
+        "marker_channel": marker_channel,
         "mpp": mpp,
         "scale_from_level0": scale,
         "resolution": "stored map level 0 (the model's resolution); slide level-0 px = stored px * scale_from_level0",
@@ -446,7 +420,7 @@ def write_instances(out_dir: str | Path, cfg: PostprocessConfig | None = None, c
             for x0 in range(0, W, window):
                 y1, x1 = min(H, y0 + window), min(W, x0 + window)
                 win, retries = _process_window(level0, c, (y0, y1, x0, x1), (H, W), margin, max_margin, guard,
-                                               mpp, cfg)
+                                               mpp, cfg, mc)
                 n_windows += 1
                 n_retried += retries > 0
                 if progress:

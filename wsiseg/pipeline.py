@@ -20,12 +20,12 @@ import numpy as np
 from PIL import Image
 
 import wsiseg
-from wsiseg.blend import BandBlender
+from wsiseg.blend import ChunkBlender, trim_heap
 from wsiseg.predict import Predictor
 from wsiseg.schedule import BlockPrefetcher
 from wsiseg.slide import ScaledView, SlideError, open_slide
 from wsiseg.store import ProbabilityStore, atomic_write_json
-from wsiseg.tiling import TileGrid, blocks
+from wsiseg.tiling import TileGrid, window_blocks
 from wsiseg.tissue import tissue_mask
 
 log = logging.getLogger("wsiseg")
@@ -67,6 +67,17 @@ class SlideResult:
     status: str  # ok | resumed | skipped | no_tissue | error
     message: str = ""
     summary: dict = field(default_factory=dict)
+
+
+def postprocess_config(meta: dict):
+    """The instance post-processing a model's sidecar asks for (``"postprocess"``: the fields of
+    :class:`wsiseg.postprocess.PostprocessConfig`, e.g. a threshold tuned on the validation
+    split), or the defaults."""
+    from wsiseg.postprocess import PostprocessConfig
+
+    post = meta.get("postprocess") or {}
+    known = set(PostprocessConfig.__dataclass_fields__)
+    return PostprocessConfig(**{k: v for k, v in post.items() if k in known})
 
 
 def peak_rss_mb() -> float:
@@ -141,6 +152,7 @@ def prepare_slide(path: Path, model_mpp: float, cfg: RunConfig) -> Prepared:
     except BaseException:
         reader.close()
         raise
+    trim_heap()  # the thumbnail's and the mask's working arrays are gone
     t2 = time.perf_counter()
     return Prepared(reader, view, thumb, mask, grid, keep, {"open": t1 - t0, "tissue": t2 - t1})
 
@@ -153,30 +165,37 @@ def infer_bands(view: ScaledView, grid: TileGrid, keep: np.ndarray, predictor: P
 
     Only the tiles that touch those bands are read and inferred; their contributions to other
     bands are dropped, so several processes can each write a disjoint band range of one store.
+    Tiles go band by band in column windows (:func:`wsiseg.tiling.window_blocks`) and blocks of
+    one band by ``2 * chunk`` columns are written as soon as no later tile touches them, so
+    memory does not follow the slide's size (the strip that a band's tiles reach into the next
+    waits on disk beyond 64 MB, see :class:`~wsiseg.blend.ChunkBlender`); the map is
+    bit-identical to a row-major pass. ``progress_file`` (default the store's ``progress.json``)
+    records the bands written, after each band's last block.
     Returns seconds per stage and the number of tiles inferred (``tiles``).
     """
     ch = cfg.chunk
     n_bands = -(-view.shape[0] // ch)
     stop_band = n_bands if stop_band is None else min(stop_band, n_bands)
-    blender = BandBlender(view.shape, len(predictor.channels), cfg.tile, ch, cfg.window,
-                          first_band=first_band, stop_band=stop_band)
-    ys = grid.ys
-    row_lo = int(np.searchsorted(ys + cfg.tile, first_band * ch, side="right"))
-    row_hi = int(np.searchsorted(ys, stop_band * ch, side="left"))
-    sel = np.zeros_like(keep)
-    sel[row_lo:row_hi] = keep[row_lo:row_hi]
-    todo = blocks(grid, sel, cfg.block_tiles, row_lo)
+    blender = ChunkBlender(view.shape, len(predictor.channels), cfg.tile, ch, cfg.window,
+                           first_band=first_band, stop_band=stop_band, cols=2 * ch)
+    xs = grid.xs
+    todo = window_blocks(grid, keep, ch, first_band, stop_band, cfg.block_tiles)
+    for blk in todo:
+        for c in blk.cols:
+            blender.expect(blk.y, int(xs[c]))
     n_todo = sum(len(b.cols) for b in todo)
     if progress_total:
         progress_total(n_todo)
     t = dict.fromkeys(("infer", "blend", "write", "read_wait"), 0.0)
-    final_px = min(stop_band * ch, view.shape[0])
 
-    def write_ready(final_row: int) -> None:
-        for b, probs in blender.release(min(final_row, final_px)):
-            tw = time.perf_counter()
-            store.write_band(b, probs, progress_file)
-            t["write"] += time.perf_counter() - tw
+    def write_ready() -> None:
+        tw = time.perf_counter()
+        for b, x, probs in blender.release():
+            store.write_block(b, x, probs)
+            if x + probs.shape[2] >= view.shape[1]:  # the band's last block
+                store.mark_bands_done(b + 1, progress_file)
+            trim_heap(every=0.5)
+        t["write"] += time.perf_counter() - tw
 
     batch: list[np.ndarray] = []
     where: list[tuple[int, int]] = []
@@ -188,8 +207,9 @@ def infer_bands(view: ScaledView, grid: TileGrid, keep: np.ndarray, predictor: P
         probs = predictor(np.stack(batch))
         t["infer"] += time.perf_counter() - ti
         tb = time.perf_counter()
+        probs *= blender.win  # the window weights, once for the batch (as add() would per tile)
         for p, (y, x) in zip(probs, where):
-            blender.add(p, y, x)
+            blender.add(p, y, x, weighted=True)
         t["blend"] += time.perf_counter() - tb
         if progress:
             progress(len(batch))
@@ -198,21 +218,21 @@ def infer_bands(view: ScaledView, grid: TileGrid, keep: np.ndarray, predictor: P
 
     t_loop = time.perf_counter()
     prefetch = BlockPrefetcher(view, todo, workers=cfg.workers, max_in_flight=2 * max(1, cfg.workers) + 2)
-    tw0 = time.perf_counter()
-    for blk, pixels in prefetch:
-        t["read_wait"] += time.perf_counter() - tw0
-        for c in blk.cols:
-            x = int(grid.xs[c]) - blk.x
-            batch.append(pixels[:, x : x + cfg.tile])
-            where.append((blk.y, int(grid.xs[c])))
-            if len(batch) >= cfg.batch_size:
-                flush()
-                # Blocks come in row order and the batch is empty: every tile of the rows
-                # before this block's is blended, so image rows above ys[blk.row] are final.
-                write_ready(int(ys[blk.row]))
+    with blender:  # removes the blender's spill folder, whatever happens
+        write_ready()  # blocks that no tile touches, before the first tile
         tw0 = time.perf_counter()
-    flush()
-    write_ready(final_px)
+        for blk, pixels in prefetch:
+            t["read_wait"] += time.perf_counter() - tw0
+            for c in blk.cols:
+                x = int(xs[c])
+                batch.append(pixels[:, x - blk.x : x - blk.x + cfg.tile])
+                where.append((blk.y, x))
+                if len(batch) >= cfg.batch_size:
+                    flush()
+                    write_ready()
+            tw0 = time.perf_counter()
+        flush()
+        write_ready()
     t["read"] = prefetch.read_seconds
     t["tiles_loop"] = time.perf_counter() - t_loop
     t["tiles"] = n_todo
@@ -295,12 +315,16 @@ def run_slide(path: str | Path, out_dir: str | Path, predictor: Predictor, cfg: 
         t = time.perf_counter()
         store.build_pyramid()
         times["pyramid"] = time.perf_counter() - t
+        # the map is whole: mark it so before the stages that read it (instances refuse an
+        # incomplete map); the run counts as complete only once summary.json says so, so a crash
+        # in a later stage is redone by the next run
+        store.mark_complete({"tiles_with_tissue": n_tissue, "tissue_fraction": float(mask.mean())})
         extra = {}
         if cfg.instances:
             from wsiseg.instances import write_instances
 
             t = time.perf_counter()
-            extra["instances"] = write_instances(out_dir)
+            extra["instances"] = write_instances(out_dir, postprocess_config(predictor.model.meta))
             times["instances"] = time.perf_counter() - t
         if cfg.cellularity:
             from wsiseg.scoring import score_map
@@ -335,7 +359,6 @@ def run_slide(path: str | Path, out_dir: str | Path, predictor: Predictor, cfg: 
             "wsiseg_version": wsiseg.__version__,
             **extra,
         }
-        store.mark_complete({"tiles_with_tissue": n_tissue, "tissue_fraction": float(mask.mean())})
         atomic_write_json(out_dir / "summary.json", summary)
         msg = "no tissue found: wrote an empty (all-zero) probability map" if n_tissue == 0 else ""
         return SlideResult(path, out_dir, status, msg, summary)

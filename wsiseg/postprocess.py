@@ -45,6 +45,7 @@ __all__ = [
     "PostprocessConfig",
     "clean_mask",
     "distance_markers",
+    "tie_broken_relief",
     "fiji_like",
     "haematoxylin",
     "instances_from_probability",
@@ -182,6 +183,29 @@ def _label_orphans(labels: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return labels
 
 
+def tie_broken_relief(relief: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``relief`` as float64 keys in the same order, but with ties between marker pixels broken by
+    raster order (and marker pixels still before other pixels of equal value).
+
+    skimage's watershed pushes all markers with age 0, so markers of equal value leave its heap in
+    an order set by the heap's layout, i.e. by every other marker in the image: two touching
+    nuclei with equally deep centres could be split differently depending on what else is in the
+    image (a tile, a window, the whole slide). With distinct keys every tie is decided by value,
+    then age, both local to the connected component, so the split of a cluster does not depend on
+    the crop it is seen in (:mod:`wsiseg.instances` relies on this at window seams).
+    """
+    inside = np.asarray(mask, bool).ravel()
+    vals = np.asarray(relief).ravel()[inside]
+    _, rank = np.unique(vals, return_inverse=True)  # dense rank of the value: order-preserving
+    mk = (np.asarray(markers).ravel()[inside] != 0)
+    n_mk = int(np.count_nonzero(mk))
+    key = rank.astype(np.int64) * (n_mk + 1) + n_mk  # non-markers: after the markers of their value
+    key[mk] -= n_mk - np.arange(n_mk)  # markers: raster rank among markers
+    out = np.zeros(inside.size, np.float64)  # float64 holds these integers exactly (< 2**53)
+    out[inside] = key
+    return out.reshape(np.shape(relief))
+
+
 def split_watershed(mask: np.ndarray, mpp: float, markers: np.ndarray | None = None,
                     relief: np.ndarray | None = None, cfg: PostprocessConfig = PostprocessConfig()) -> np.ndarray:
     """Split a binary mask into nuclei with a marker-controlled watershed.
@@ -211,6 +235,8 @@ def split_watershed(mask: np.ndarray, mpp: float, markers: np.ndarray | None = N
         markers = np.where(mask, np.asarray(markers), 0)
     if relief is None:
         relief = -d
+    if cfg.compactness == 0:
+        relief = tie_broken_relief(relief, markers, mask)
     lab = watershed(relief, markers=markers, mask=mask, compactness=cfg.compactness)
     lab = _label_orphans(lab, mask)
     return _consecutive(lab)

@@ -1,4 +1,5 @@
-"""The tile grid at model resolution, its tissue filter, and grouping into block reads.
+"""The tile grid at model resolution, its tissue filter, and grouping into block reads (row by
+row, or in the pipeline's order of column windows band by band: :func:`window_blocks`).
 
 Coordinates are model pixels (y, x) of the tile's top-left corner. The grid starts half a
 stride before the image (at -stride/2) and ends half a stride past it, so every image pixel lies
@@ -55,21 +56,26 @@ class TileGrid:
     def tissue_tiles(self, mask: np.ndarray | None) -> np.ndarray:
         """Boolean (rows, cols): tiles that hold any tissue of ``mask`` (any size; rescaled)."""
         ys, xs = self.ys, self.xs
-        keep = np.ones((len(ys), len(xs)), bool)
         if mask is None:
-            return keep
+            return np.ones((len(ys), len(xs)), bool)
         H, W = self.shape
         mh, mw = mask.shape
-        # Integral image of the mask for O(1) box sums per tile.
-        ii = np.pad(mask.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-        for r, y in enumerate(ys):
-            y0 = min(max(0, math.floor(max(y, 0) * mh / H)), mh - 1)
-            y1 = max(y0 + 1, min(mh, math.ceil(min(y + self.tile, H) * mh / H)))
-            for c, x in enumerate(xs):
-                x0 = min(max(0, math.floor(max(x, 0) * mw / W)), mw - 1)
-                x1 = max(x0 + 1, min(mw, math.ceil(min(x + self.tile, W) * mw / W)))
-                keep[r, c] = (ii[y1, x1] - ii[y0, x1] - ii[y1, x0] + ii[y0, x0]) > 0
-        return keep
+        # Integral image of the mask for O(1) box sums per tile: one int32 array (a 2048 px
+        # thumbnail: 16 MB), cumulated in place.
+        ii = np.zeros((mh + 1, mw + 1), np.int32)
+        np.cumsum(mask, axis=0, dtype=np.int32, out=ii[1:, 1:])
+        np.cumsum(ii[1:, 1:], axis=1, out=ii[1:, 1:])
+
+        def edges(pos: np.ndarray, n: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+            # the mask rows (or columns) [lo, hi) under tiles at ``pos`` on an axis of n px
+            lo = np.clip(np.floor(np.maximum(pos, 0) * m / n), 0, m - 1).astype(np.intp)
+            hi = np.maximum(lo + 1, np.minimum(m, np.ceil(np.minimum(pos + self.tile, n) * m / n))).astype(np.intp)
+            return lo, hi
+
+        y0, y1 = edges(ys, H, mh)
+        x0, x1 = edges(xs, W, mw)
+        box = ii[y1[:, None], x1] - ii[y0[:, None], x1] - ii[y1[:, None], x0] + ii[y0[:, None], x0]
+        return box > 0
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,8 @@ class Block:
     x: int
     h: int
     w: int
+    band: int = -1  # window_blocks: the band whose pass reads it, and the column window in that pass
+    win: int = -1
 
 
 def blocks(grid: TileGrid, keep: np.ndarray, max_tiles: int = 8, start_row: int = 0) -> list[Block]:
@@ -98,4 +106,55 @@ def blocks(grid: TileGrid, keep: np.ndarray, max_tiles: int = 8, start_row: int 
                 x0 = int(xs[run[0]])
                 out.append(Block(r, tuple(run), int(ys[r]), x0, grid.tile, int(xs[run[-1]]) + grid.tile - x0))
             run = [c] if c < len(xs) and keep[r, c] else []
+    return out
+
+
+def window_blocks(grid: TileGrid, keep: np.ndarray, chunk: int, first_band: int = 0, stop_band: int | None = None,
+                  max_tiles: int = 8, window: int | None = None) -> list[Block]:
+    """The kept tiles that touch level-0 bands [first_band, stop_band) (``chunk`` rows each), as
+    blocks in an order that bounds the blender's memory by a fixed width, not the slide's.
+
+    A tile row belongs to the band holding its top edge (rows above ``first_band`` to it). Band
+    by band, the band's tile rows are walked in column windows of ``window`` px (default
+    ``max_tiles`` strides), each window row by row, left to right, so what is open at a time is
+    about one window of the band plus the strip that its tiles reach into the next band.
+    Each row's windows are shifted left by one overlap reach per row below the band's first:
+    then any two tiles that overlap come in the same relative order as in a plain row-major walk,
+    so every pixel's weighted sum is accumulated in the same order, to the same float32 bits.
+    Blocks carry ``band`` and ``win`` (their window's index in the band).
+    """
+    ys, xs = grid.ys, grid.xs
+    T, s = grid.tile, grid.stride
+    n_bands = -(-grid.shape[0] // chunk)
+    stop_band = n_bands if stop_band is None else min(stop_band, n_bands)
+    window = window or max_tiles * s
+    # The largest column offset between two grid tiles that still overlap: a row's windows
+    # start that much further left than the row above's.
+    reach = s * ((T - 1) // s)
+    row_lo = int(np.searchsorted(ys + T, first_band * chunk, side="right"))
+    row_hi = int(np.searchsorted(ys, stop_band * chunk, side="left"))
+    out: list[Block] = []
+    rows_by_band: dict[int, list[int]] = {}
+    for r in range(row_lo, row_hi):
+        band = min(max(max(int(ys[r]), 0) // chunk, first_band), stop_band - 1)
+        rows_by_band.setdefault(band, []).append(r)
+    for band in sorted(rows_by_band):
+        runs: list[tuple[int, int, list[int]]] = []  # (window, row, cols)
+        for i, r in enumerate(rows_by_band[band]):
+            cols = np.flatnonzero(keep[r])
+            if not len(cols):
+                continue
+            wins = (xs[cols] - xs[0] + reach * i) // window
+            run = [int(cols[0])]
+            for c, w, pc, pw in zip(cols[1:].tolist(), wins[1:].tolist(), cols[:-1].tolist(), wins[:-1].tolist()):
+                if c == pc + 1 and w == pw and len(run) < max_tiles:
+                    run.append(c)
+                else:
+                    runs.append((pw, r, run))
+                    run = [c]
+            runs.append((int(wins[-1]), r, run))
+        runs.sort(key=lambda t: (t[0], t[1]))  # stable: a row's runs stay left to right
+        for w, r, run in runs:
+            x0 = int(xs[run[0]])
+            out.append(Block(r, tuple(run), int(ys[r]), x0, T, int(xs[run[-1]]) + T - x0, band, w))
     return out

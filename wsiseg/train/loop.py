@@ -60,6 +60,8 @@ class TrainConfig:
     momentum: float = 0.9
     val_limit: int = 0  # validate on the first n validation images only (0: all)
     group_val_every: int = 5  # class_points: every n-th CoNSeP source image is validation
+    init_from: str | None = None  # a registry model to start from (same architecture; the head's
+    # matching rows are copied, so a 1-channel nucleus model can seed a mask + marker model)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
@@ -135,11 +137,15 @@ def train(cfg: TrainConfig, log=print) -> Path:
         val_s = val_s[: cfg.val_limit]
     pix = np.concatenate([s.image.reshape(-1, 3) for s in train_s]).astype(np.float64) / 255
     mean, std = pix.mean(0).astype(np.float32), pix.std(0).astype(np.float32)
+    del pix
     weights = np.array([s.mask.size for s in train_s], dtype=np.float64)
     weights /= weights.sum()
     log(f"train {len(train_s)} images, val {len(val_s)} images at {cfg.mpp} um/px")
 
-    net = build_model(cfg.architecture, **cfg.arch_kwargs).to(memory_format=torch.channels_last)
+    net = build_model(cfg.architecture, **cfg.arch_kwargs)
+    if cfg.init_from:
+        mean, std = init_from_model(net, cfg.init_from, log)
+    net = net.to(memory_format=torch.channels_last)
     opt = _optimizer(cfg, net)
     loss_fn = LOSSES[cfg.loss]
     targets = None if cfg.target == "mask" else [_target_of(s, cfg) for s in train_s]
@@ -233,6 +239,31 @@ def train(cfg: TrainConfig, log=print) -> Path:
             (out / "history.json").write_text(json.dumps(history, indent=1))
     log(f"done: best val Dice {best:.4f}; weights {out / cfg.id}.safetensors")
     return out / f"{cfg.id}.safetensors"
+
+
+def init_from_model(net, name: str, log=print) -> tuple[np.ndarray, np.ndarray]:
+    """Copy a registry model's weights into ``net`` (every tensor of the same name and shape; of
+    an output head with a different number of channels, the matching leading rows). Returns the
+    source model's normalisation, which the fine-tuned model keeps."""
+    from wsiseg.models.registry import load_model
+
+    src = load_model(name)
+    own = net.state_dict()
+    state = {}
+    for k, v in src.network.state_dict().items():
+        if k not in own:
+            continue
+        if own[k].shape == v.shape:
+            state[k] = v
+        elif own[k].ndim == v.ndim and own[k].shape[1:] == v.shape[1:] and own[k].shape[0] > v.shape[0]:
+            merged = own[k].clone()
+            merged[: v.shape[0]] = v
+            state[k] = merged
+    if not state:
+        raise ValueError(f"init_from {name}: no tensor matches the {type(net).__name__} being trained")
+    net.load_state_dict(state, strict=False)
+    log(f"initialised {len(state)}/{len(own)} tensors from {name}")
+    return np.asarray(src.mean, np.float32), np.asarray(src.std, np.float32)
 
 
 # ------------------------------------------------------------------ the model zoo's targets
