@@ -1,16 +1,23 @@
-"""Peak memory and tiles/s of the pipeline as the slide grows: does RSS follow width, not area?
+"""Peak memory and tiles/s of the pipeline as the slide grows: is the peak RSS flat in the slide's size?
 
 For each size, a square slide of real H&E pixels is built with ``make_slide.py`` (cached under
 ``--slides``) and ``run_slide`` runs on it in a fresh Python process (so each peak RSS is that
-run's own), by default with the *identity-like* network of ``wsiseg.bench`` (stage
+run's own), by default with the I/O-only stand-in network of ``wsiseg.bench`` (stage
 ``blend_write_only``: reading, tissue mask, blending, Zarr writing and the pyramid, with no
 learned compute; the real model is too slow on 2 CPU cores for a 60k px slide). The model given
 with ``--model`` then only supplies its sidecar: resolution (um/px), classes and normalisation.
 ``--stage end_to_end`` runs the real model instead.
 
-The blender's accumulators are the expected bound: about two open bands of ``chunk`` (512) rows,
-each (classes + 1) x 512 x width x 4 bytes, at the model's resolution; the JSON gives that
-``blend_accumulators_mb`` next to each measured peak.
+Nothing large that the pipeline holds follows the slide's width or area any more: the blender
+(:class:`wsiseg.blend.ChunkBlender`) keeps blocks of one band (``chunk`` = 512 rows) by two chunk
+widths, each (classes + 1) x 512 x 1024 x 4 bytes, a few at a time, and the strip that a band's
+tiles reach into the next band waits in memory up to 16 MB, beyond that on disk; the reader
+(:class:`wsiseg.tiling.TileStream`) holds pieces of a band's rows (about (512 + 256) x
+(1024 + 128) x 3 bytes each) that blocks still need plus a few read ahead; the store writes in
+whole chunks and builds the pyramid in blocks of a few chunks. The JSON gives the computed sizes
+next to each measured peak: ``blend_block_mb`` (one block), ``blend_bound_mb`` (three open
+blocks plus the 16 MB strip budget) and ``read_pieces_mb`` (the pieces alive and in flight), all
+independent of the slide's size.
 
 Full run (about 20-30 min on 2 cores with nothing else running, most of it building the 60k px
 slide once and blending about 30,000 tissue tiles; slides are kept for next time)::
@@ -80,8 +87,8 @@ def measure(sizes: list[int], model: str | None = None, stage: str = "blend_writ
             path, info = slide_for(size, Path(slides_dir), mpp, Path(data_dir))
             t = time.perf_counter()
             r = run_stage_subprocess(stage, path, model_path, device=device, batch_size=batch_size, workers=workers)
-            width = r["shape"][1]
-            bound = 2 * (len(m.classes) + 1) * chunk * width * 4 / 2**20
+            block = (len(m.classes) + 1) * chunk * 2 * chunk * 4 / 2**20
+            pieces = (2 * workers + 3) * (chunk + 256) * (8 * 128 + 128) * 3 / 2**20
             run = {"size_px": size, "slide_bytes": info["bytes"], "slide_levels": info["levels"],
                    "map_shape": r["shape"], "tiles_total": r["tiles_total"], "tiles": r["tiles"],
                    "tissue_fraction": r["tissue_fraction"], "tiles_per_second": r["tiles_per_second"],
@@ -89,12 +96,14 @@ def measure(sizes: list[int], model: str | None = None, stage: str = "blend_writ
                    "seconds_by_step": r["seconds_by_step"], "peak_rss_mb": r["peak_rss_mb"],
                    "rss_after_setup_mb": r["rss_after_setup_mb"],
                    "peak_minus_setup_mb": round(r["peak_rss_mb"] - r["rss_after_setup_mb"], 1),
-                   "blend_accumulators_mb": round(bound, 1), "zarr_bytes": r["zarr_bytes"],
+                   "blend_block_mb": round(block, 1), "blend_bound_mb": round(3 * block + 16, 1),
+                   "read_pieces_mb": round(pieces, 1), "zarr_bytes": r["zarr_bytes"],
                    "process_wall_seconds": round(time.perf_counter() - t, 1)}
             res["runs"].append(run)
             print(f"memory_vs_size: {size} px: {run['tiles']} tiles, {run['tiles_per_second']} tiles/s, "
                   f"peak RSS {run['peak_rss_mb']} MB (after setup {run['rss_after_setup_mb']} MB, "
-                  f"blend accumulators {run['blend_accumulators_mb']} MB)", file=sys.stderr, flush=True)
+                  f"blender bound {run['blend_bound_mb']} MB, read pieces {run['read_pieces_mb']} MB)",
+                  file=sys.stderr, flush=True)
     res["machine"]["load_average_end"] = machine()["load_average"]
     return res
 

@@ -23,4 +23,11 @@ def test_bench_reports_every_stage(tmp_path, monuseg_image, tiny_unet_path, caps
     assert r["features_patches_per_second"] is None
     assert "no normal" in r["stages"]["features"]["status"]
     assert r["stages"]["end_to_end"]["tiles"] == r["stages"]["read_only"]["tiles"]
+    # read_only reads as the pipeline does: pieces of the bands' rows, fewer pixels than the
+    # tiles' own area (tiles overlap), and every stage says how much CPU it used
+    ro = r["stages"]["read_only"]
+    assert ro["read_mode"] == "pieces" and 0 < ro["pixels_read_per_tile"] < 256 * 256
+    for st in ("read_only", "model_only", "blend_write_only", "end_to_end"):
+        assert r["stages"][st]["cpu_seconds"] > 0 and r["stages"][st]["cpu_ms_per_tile"] > 0
+    assert "passthrough" in r["stages"]["blend_write_only"]["model"]
     assert "end_to_end" in capsys.readouterr().out

@@ -224,3 +224,109 @@ def test_blockwise_store_equals_reference_full_accumulation(tmp_path, monuseg_im
         level = ((b[:, 0::2, 0::2] + b[:, 1::2, 0::2] + b[:, 0::2, 1::2] + b[:, 1::2, 1::2] + 2) // 4).astype(np.uint8)
         np.testing.assert_array_equal(g[str(i)][:], level)
     assert json.loads((tmp_path / "out" / "progress.json").read_text())["bands_done"] == -(-H // cfg.chunk)
+
+
+def test_normalise_equals_the_masked_division():
+    """Weighted sums / weights without the masked ufunc: the same float32 bits as
+    ``np.divide(s, w, out=zeros, where=w > 1e-6)``, zeros where the weight is tiny or 0."""
+    from wsiseg.blend import normalise
+
+    rng = np.random.default_rng(0)
+    w = rng.random((64, 96), dtype=np.float32)
+    w[:5] = 0
+    w[5:9] = np.float32(1e-6)
+    w[9:12] = rng.random((3, 96), dtype=np.float32) * np.float32(2e-6)
+    s = rng.random((3, 64, 96), dtype=np.float32) * w
+    ref = np.divide(s, w, out=np.zeros_like(s), where=w > 1e-6)
+    out = np.full_like(s, np.nan)
+    normalise(s, w, out)
+    np.testing.assert_array_equal(out.view(np.uint32), ref.view(np.uint32))
+    normalise(s, w, s)  # in place
+    np.testing.assert_array_equal(s.view(np.uint32), ref.view(np.uint32))
+
+
+def test_store_quantisation_and_pyramid_pooling_equal_their_numpy_definitions():
+    """to_uint8's one-pass OpenCV conversion equals round(clip(p, 0, 1) * 255) with halves to
+    even (exhaustively checked over [0, 1.02] when it was written; here the values next to every
+    rounding boundary, and inputs outside the range, which take the NumPy steps); pool2 equals
+    (a + b + c + d + 2) // 4 with the last row/column repeated, for odd and even sizes."""
+    from wsiseg.store import ProbabilityStore, pool2
+
+    def ref_q(p):
+        return np.rint(np.clip(p, 0, 1) * 255).astype(np.uint8)
+
+    half = (np.arange(256, dtype=np.float64) + 0.5) / 255
+    near = np.concatenate([np.nextafter(half.astype(np.float32), np.float32(d), dtype=np.float32) for d in (-1, 2)]
+                          + [half.astype(np.float32), np.float32([0, -0.0, 1, 1.0000001, 1.02])])
+    rng = np.random.default_rng(0)
+    for p in (near.reshape(1, -1), rng.random((3, 50, 70), dtype=np.float32),
+              np.float32([[-0.5, 0.2], [1.5, 0.7]]), np.float32([[np.inf, 0.3]])):
+        np.testing.assert_array_equal(ProbabilityStore.to_uint8(p.copy()), ref_q(p))
+    for shape in [(2, 64, 64), (3, 63, 65), (1, 1, 1), (1, 2, 7), (2, 9, 1)]:
+        b = rng.integers(0, 256, shape, dtype=np.uint8)
+        b[0, 0, :] = 255
+        u = np.pad(b, ((0, 0), (0, shape[1] % 2), (0, shape[2] % 2)), mode="edge").astype(np.uint16)
+        ref = ((u[:, 0::2, 0::2] + u[:, 1::2, 0::2] + u[:, 0::2, 1::2] + u[:, 1::2, 1::2] + 2) // 4).astype(np.uint8)
+        np.testing.assert_array_equal(pool2(b), ref)
+
+
+def test_chunk_writer_writes_the_files_zarr_writes(tmp_path):
+    """Level-0 blocks written by the store's chunk writer (background thread) are the files Zarr
+    writes for the same assignment: same bytes, edge chunks padded, all-zero chunks absent (and
+    removed when a band is written again with zeros); reads back through Zarr and _read."""
+    import os
+
+    from wsiseg.store import ProbabilityStore
+
+    rng = np.random.default_rng(0)
+    H, W, ch = 300, 500, 128
+    maps = rng.random((2, H, W), dtype=np.float32)
+    maps[1, :, 256:] = 0  # whole chunks of zeros: not stored
+    ours = ProbabilityStore.create(tmp_path / "a" / "p.zarr", (H, W), ["x", "y"], 0.5, {}, ch)
+    zref = ProbabilityStore.create(tmp_path / "b" / "p.zarr", (H, W), ["x", "y"], 0.5, {}, ch)
+    for b in range(-(-H // ch)):
+        for x in range(0, W, 2 * ch):
+            block = maps[:, b * ch : (b + 1) * ch, x : x + 2 * ch]
+            ours.write_block(b, x, block.copy())
+            zref.level0[:, b * ch : b * ch + block.shape[1], x : x + block.shape[2]] = ProbabilityStore.to_uint8(block.copy())
+        ours.mark_bands_done(b + 1)
+    ours.flush()
+
+    def files(root):
+        return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+                for d, _, fs in os.walk(root) for f in fs if not f.startswith(".")}
+
+    fa, fb = files(tmp_path / "a" / "p.zarr" / "0"), files(tmp_path / "b" / "p.zarr" / "0")
+    assert fa == fb and "1/0/3" not in fa and "0/2/3" in fa
+    np.testing.assert_array_equal(ours.level0[:], zref.level0[:])
+    np.testing.assert_array_equal(ours._read("0", 100, 300, 50, 500), zref.level0[:, 100:300, 50:500])
+    assert json.loads(ours.progress_path.read_text())["bands_done"] == 3
+    ours.write_block(0, 0, np.zeros((2, ch, 2 * ch), np.float32))  # a band redone with zeros
+    ours.flush()
+    assert not (tmp_path / "a" / "p.zarr" / "0" / "0" / "0" / "0").exists()
+    assert not ours.level0[:, :ch, : 2 * ch].any()
+
+
+def test_a_failed_background_write_stops_later_progress_records(tmp_path, monkeypatch):
+    """Blocks are written in the store's writer thread and progress records queued after them:
+    when a block's write fails, no later record runs (a resumed run redoes that band) and the
+    error comes out of the next write or flush()."""
+    from wsiseg.store import ChunkWriter, ProbabilityStore
+
+    st = ProbabilityStore.create(tmp_path / "p.zarr", (256, 128), ["x"], 0.5, {}, 64)
+    put = ChunkWriter._put
+
+    def failing_put(self, row, col, data):
+        if row == 64:
+            raise OSError("disk full")
+        put(self, row, col, data)
+
+    monkeypatch.setattr(ChunkWriter, "_put", failing_put)
+    with pytest.raises(OSError, match="disk full"):
+        for b in range(4):
+            st.write_block(b, 0, np.full((1, 64, 128), 0.5, np.float32))
+            st.mark_bands_done(b + 1)
+        st.flush()
+    st.flush()  # what was queued has run (or was refused)
+    assert json.loads(st.progress_path.read_text())["bands_done"] == 1
+    assert st.level0[0, :64].min() == 128 and not st.level0[0, 128:].any()

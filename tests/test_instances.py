@@ -281,3 +281,22 @@ def test_predicted_markers_split_nuclei_and_windows_match_the_whole_map(tmp_path
     # the distance watershed is still there when asked for
     write_instances(out, window=64, margin=8, marker_channel=None)
     assert same_partition(dist, level0(out, "probabilities.zarr/labels/nuclei")[0])
+
+
+@pytest.mark.slow
+def test_shipped_marker_model_runs_instances_with_its_tuned_postprocessing(tmp_path, monuseg_image):
+    """`--model unet-bn-marker-monuseg-20x --instances`: the map has nucleus and marker channels,
+    the label image is split by the predicted markers with the sidecar's thresholds."""
+    src = write_png(tmp_path / "breast.png", monuseg_image[:512, :512])
+    assert main(["run", "-q", str(src), "--mpp", "0.25", "-o", str(tmp_path / "out"), "--instances",
+                 "--model", "unet-bn-marker-monuseg-20x", "--no-cellularity"]) == 0
+    out = tmp_path / "out" / "breast"
+    g = zarr.open_group(str(out / "probabilities.zarr"), mode="r")
+    assert g.attrs["wsiseg"]["classes"] == ["nucleus", "marker"]
+    la = zarr.open_group(str(out / "probabilities.zarr/labels/nuclei"), mode="r").attrs["wsiseg"]
+    assert la["marker_channel"] == "marker"
+    assert la["postprocess"]["threshold"] == 0.7 and la["postprocess"]["marker_threshold"] == 0.7
+    m = g["0"][:]
+    ref = instances_from_probability(m[0], 0.5, PostprocessConfig(threshold=0.7, marker_threshold=0.7), marker_prob=m[1])
+    lab = level0(out, "probabilities.zarr/labels/nuclei")[0]
+    assert int(ref.max()) > 50 and same_partition(ref, lab)

@@ -6,14 +6,17 @@ same slide, model, tile size, overlap, batch size and device, in one command:
 ===================  =========================================================================
 stage                what runs
 ===================  =========================================================================
-``read_only``        open, thumbnail + tissue mask, tile grid, then the tissue tiles' block
-                     reads through :class:`~wsiseg.schedule.BlockPrefetcher` (the pipeline's own
-                     reader threads) and the cutting of tiles into batches; no model
+``read_only``        open, thumbnail + tissue mask, tile grid, then the tissue tiles read the
+                     way the pipeline reads them (:class:`~wsiseg.tiling.TileStream` over
+                     :func:`~wsiseg.tiling.window_blocks`: pieces of a band's rows read in the
+                     pipeline's reader threads) and cut into batches; no model
 ``model_only``       the :class:`~wsiseg.predict.Predictor` alone on batches of real tiles cut
                      from the slide, after two warm-up batches: the compute ceiling
-``blend_write_only`` :func:`wsiseg.pipeline.run_slide` with a network that has no learned
-                     compute (the logit of every pixel is the mean of its normalised RGB), so
-                     reading, blending, Zarr writing and the pyramid are what is measured
+``blend_write_only`` the I/O-only pipeline: :func:`wsiseg.pipeline.run_slide` with a network
+                     that computes nothing (every class's logit is the pixel's normalised green
+                     value, copied from its input), so reading, tile cutting, the predictor's
+                     normalisation, activation (of one map) and window weighting, blending, Zarr
+                     writing and the pyramid are what is measured
 ``end_to_end``       :func:`wsiseg.pipeline.run_slide` with the real model, as ``wsiseg run``
 ``features``         the cellularity stage alone (:func:`wsiseg.scoring.score_map` on a finished
                      map: window reads, the 81 features + LightGBM, the map CNN, CSV and
@@ -26,6 +29,9 @@ loading, before the stage's work. With CUDA, the network's forward is bracketed 
 (``gpu_forward_seconds``: GPU stream time from the first to the last kernel of each forward,
 summed) and ``gpu_forward_fraction`` is that over the stage's timed loop, i.e. how busy the
 GPU was kept; ``cuda_max_allocated_mb`` is the allocator's peak.
+
+``cpu_seconds`` (and ``cpu_ms_per_tile``) is the CPU time of all the stage process's threads
+over the stage, setup included: less sensitive than wall time to other jobs on the machine.
 
 Two rates per stage: ``tiles_per_second`` over the stage's whole wall time (for the run_slide
 stages: exactly the ``tiles_per_second`` of ``summary.json``, opening, tissue detection and the
@@ -216,23 +222,30 @@ def _gpu_stop(timer: _CudaForwardTimer | None, loop_seconds: float) -> dict:
 
 
 def identity_model(model):
-    """A LoadedModel with ``model``'s metadata (mpp, classes, normalisation) and a network with
-    no learned compute: every class's logit is the mean of the pixel's normalised RGB."""
+    """A LoadedModel with ``model``'s metadata (mpp, classes, normalisation) and a network that
+    computes nothing: every class's logit is the pixel's normalised green value (copied out of the
+    input, repeated over the classes by ``expand``), so the pipeline around it is what runs.
+    The Predictor applies the activation once to such a repeated map and writes it, times the
+    blending window, into every class: the blender, the store and the pyramid see as many
+    channels as with ``model``."""
+    import numpy as np
     import torch
     from torch import nn
 
     from wsiseg.models.registry import LoadedModel
 
-    class PixelMean(nn.Module):
+    class GreenPassThrough(nn.Module):
         def __init__(self, channels: int):
             super().__init__()
             self.channels = channels
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x.mean(1, keepdim=True).expand(-1, self.channels, -1, -1)
+            # a dense copy (in NumPy: one thread, whatever torch's count), repeated by expand
+            g = torch.from_numpy(np.ascontiguousarray(x[:, 1:2].numpy()))
+            return g.expand(-1, self.channels, -1, -1)
 
-    meta = {**model.meta, "id": f"{model.id}+pixel-mean-bench", "architecture": "pixel_mean_bench"}
-    return LoadedModel(PixelMean(len(model.classes)).eval(), meta)
+    meta = {**model.meta, "id": f"{model.id}+green-passthrough-bench", "architecture": "green_passthrough_bench"}
+    return LoadedModel(GreenPassThrough(len(model.classes)).eval(), meta)
 
 
 # ----------------------------------------------------------------------------- stages (in-process)
@@ -240,45 +253,38 @@ def identity_model(model):
 
 def _setup(slide: Path, mpp: float, cfg):
     """The pipeline's own first steps (:func:`wsiseg.pipeline.prepare_slide`): open, view at the
-    model's mpp, tissue mask, tile grid; plus the block reads of the tissue tiles."""
+    model's mpp, tissue mask, tile grid; plus the tissue tiles' blocks in the pipeline's order
+    (:func:`wsiseg.tiling.window_blocks`, all bands)."""
     from wsiseg.pipeline import prepare_slide
-    from wsiseg.tiling import blocks
+    from wsiseg.tiling import window_blocks
 
     prep = prepare_slide(Path(slide), mpp, cfg)
-    return prep.reader, prep.view, prep.grid, prep.keep, blocks(prep.grid, prep.keep, cfg.block_tiles)
+    return prep.reader, prep.view, prep.grid, prep.keep, window_blocks(prep.grid, prep.keep, cfg.chunk,
+                                                                          max_tiles=cfg.block_tiles)
 
 
 def stage_read_only(slide: Path, model, cfg, **_: Any) -> dict:
-    """Block reads of the tissue tiles + tile cutting into batches (np.stack), no model."""
-    import numpy as np
-
-    from wsiseg.schedule import BlockPrefetcher
+    """The tissue tiles read and cut into batches as :func:`wsiseg.pipeline.infer_bands` does
+    (:class:`~wsiseg.tiling.TileStream`), no model."""
+    from wsiseg.tiling import TileStream
 
     t0 = time.perf_counter()
     reader, view, grid, keep, todo = _setup(slide, model.mpp, cfg)
     try:
         setup = time.perf_counter() - t0
         t1 = time.perf_counter()
-        prefetch = BlockPrefetcher(view, todo, workers=cfg.workers, max_in_flight=2 * max(1, cfg.workers) + 2)
-        batch: list = []
+        stream = TileStream(view, grid, todo, cfg.batch_size, workers=cfg.workers, cols=cfg.block_tiles * grid.stride)
         n = 0
-        for blk, pixels in prefetch:
-            for c in blk.cols:
-                x = int(grid.xs[c]) - blk.x
-                batch.append(pixels[:, x : x + cfg.tile])
-                if len(batch) >= cfg.batch_size:
-                    np.stack(batch)
-                    n += len(batch)
-                    batch.clear()
-        if batch:
-            np.stack(batch)
-            n += len(batch)
+        for tiles, where in stream:
+            n += len(tiles)
         loop = time.perf_counter() - t1
     finally:
         reader.close()
     total = time.perf_counter() - t0
     return {"tiles": n, "seconds": round(total, 3), "loop_seconds": round(loop, 3), "setup_seconds": round(setup, 3),
-            "read_seconds_in_threads": round(prefetch.read_seconds, 3),
+            "read_seconds_in_threads": round(stream.read_seconds, 3), "read_wait_seconds": round(stream.wait_seconds, 3),
+            "read_mode": "pieces" if stream.pieces else "blocks", "reads": len(stream.reads),
+            "pixels_read_per_tile": round(stream.pixels_read / n, 1) if n else None,
             "tiles_per_second": round(n / total, 2) if total > 0 else None,
             "loop_tiles_per_second": round(n / loop, 2) if loop > 0 else None}
 
@@ -404,8 +410,14 @@ def run_stage(stage: str, slide: str | Path, model: str | None = None, device: s
     cfg = RunConfig(tile=tile, overlap=overlap, batch_size=batch_size, workers=workers, tissue=tissue, overwrite=True,
                     cellularity=False)
     before = _rss_mb()
+    cpu0 = time.process_time()
     res = _STAGE_FUNCS[stage](Path(slide), m, cfg, device=device, threads=threads, min_seconds=model_seconds)
+    cpu = time.process_time() - cpu0
     after = _rss_mb()
+    # CPU time of all the process's threads over the stage (setup included): on a shared machine
+    # a steadier measure of the work done than wall time
+    res["cpu_seconds"] = round(cpu, 3)
+    res["cpu_ms_per_tile"] = round(1000 * cpu / res["tiles"], 3) if res.get("tiles") else None
     res["torch"] = torch.__version__
     res["python_executable"] = sys.executable
     res["rss_after_setup_mb"] = before["peak"]

@@ -41,6 +41,18 @@ def window(tile: int, kind: str = "hann") -> np.ndarray:
     return np.outer(w1, w1).astype(np.float32)
 
 
+def normalise(s: np.ndarray, wsum: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``out`` = weighted sums (C, h, w) / weights (h, w), 0 where the weight is at most 1e-6
+    (``out`` may be ``s``). The same float32 quotients as ``np.divide(..., where=wsum > 1e-6)``
+    into zeros, without the masked (and much slower) ufunc loop."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        np.divide(s, wsum, out=out)
+    low = ~(wsum > 1e-6)
+    if low.any():
+        out[:, low] = 0
+    return out
+
+
 def trim_heap(every: float = 0.0) -> None:
     """Hand malloc's free memory back to the system (glibc's ``malloc_trim``; elsewhere nothing),
     unless the last call was less than ``every`` seconds ago.
@@ -81,14 +93,22 @@ class BufferPool:
         self._bytes = 0
 
     def zeros(self, shape: tuple[int, ...]) -> np.ndarray:
+        return self._get(shape, True)
+
+    def empty(self, shape: tuple[int, ...]) -> np.ndarray:
+        """Like :meth:`zeros`, but a recycled buffer keeps whatever it held."""
+        return self._get(shape, False)
+
+    def _get(self, shape: tuple[int, ...], zero: bool) -> np.ndarray:
         n = int(np.prod(shape)) * 4
         if n < 2**20:
-            return np.zeros(shape, np.float32)
+            return np.zeros(shape, np.float32) if zero else np.empty(shape, np.float32)
         free = self._free.get(n)
         if free:
             self._bytes -= n
             a = np.frombuffer(free.pop(), np.float32).reshape(shape)
-            a.fill(0)
+            if zero:
+                a.fill(0)
             return a
         return np.frombuffer(mmap.mmap(-1, n), np.float32).reshape(shape)
 
@@ -167,7 +187,7 @@ class BandBlender:
                 rows = end - b * self.band
                 out = np.zeros((self.C, rows, self.W), np.float32)
             else:
-                out = np.divide(s, wsum, out=np.zeros_like(s), where=wsum > 1e-6)
+                out = normalise(s, wsum, s)
             self.next_band += 1
             yield b, out
 
@@ -353,14 +373,19 @@ class ChunkBlender:
                 return
             rows = min(self.band, self.H - b * self.band)
             w = min(self.cols, self.W - k * self.cols)
-            out = self._pool.zeros((self.C, rows, w))
             acc = self._take((b, k))
             self._acc.pop((b, k), None)
-            if acc is not None:
+            if acc is None:
+                out = self._pool.zeros((self.C, rows, w))
+            else:
                 s, wsum = acc
                 n = wsum.shape[0]
-                np.divide(s, wsum, out=out[:, :n], where=wsum > 1e-6)
-                self._pool.give(s, wsum)
+                out = s if n == rows else self._pool.empty((self.C, rows, w))  # normalised in place
+                normalise(s, wsum, out[:, :n])
+                out[:, n:] = 0
+                self._pool.give(wsum)
+                if out is not s:
+                    self._pool.give(s)
             # the blocks below in these columns have every tile of this band: they wait
             for key in [key for key in self._acc if key[1] == k and key[0] > b and key not in self._waiting]:
                 self._wait_or_spill(key)

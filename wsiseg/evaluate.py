@@ -130,8 +130,8 @@ def evaluate_monuseg(predictor: Predictor, root: str | Path, names: list[str] = 
     return out
 
 
-def tune_postprocess(maps, post: PostprocessConfig, thresholds=tuple(np.round(np.arange(0.3, 0.71, 0.05), 2)),
-                     marker_thresholds=(0.3, 0.4, 0.5, 0.6, 0.7)) -> dict:
+def tune_postprocess(maps, post: PostprocessConfig, thresholds=tuple(np.round(np.arange(0.3, 0.91, 0.05), 2)),
+                     marker_thresholds=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)) -> dict:
     """Grid search of the probability threshold (and marker threshold) for the mean AJI over
     ``maps`` [(probability, marker or None, ground-truth instances)] at native resolution."""
     probs = [m[0] for m in maps]

@@ -165,14 +165,19 @@ def infer_bands(view: ScaledView, grid: TileGrid, keep: np.ndarray, predictor: P
 
     Only the tiles that touch those bands are read and inferred; their contributions to other
     bands are dropped, so several processes can each write a disjoint band range of one store.
-    Tiles go band by band in column windows (:func:`wsiseg.tiling.window_blocks`) and blocks of
-    one band by ``2 * chunk`` columns are written as soon as no later tile touches them, so
-    memory does not follow the slide's size (the strip that a band's tiles reach into the next
-    waits on disk beyond 64 MB, see :class:`~wsiseg.blend.ChunkBlender`); the map is
-    bit-identical to a row-major pass. ``progress_file`` (default the store's ``progress.json``)
-    records the bands written, after each band's last block.
+    Tiles go band by band in column windows (:func:`wsiseg.tiling.window_blocks`), read in pieces
+    of a band's rows (:class:`wsiseg.tiling.TileStream`), and blocks of one band by ``2 * chunk``
+    columns are written as soon as no later tile touches them, so memory does not follow the
+    slide's size (the strip that a band's tiles reach into the next waits on disk beyond 16 MB,
+    see :class:`~wsiseg.blend.ChunkBlender`); the map is bit-identical to a row-major pass.
+    The predictor returns each batch already multiplied by the blending window, into one reused
+    buffer; the store encodes and writes blocks in a background thread, and ``progress_file``
+    (default the store's ``progress.json``) records the bands written, after each band's last
+    block; everything is on disk when this returns (or raises).
     Returns seconds per stage and the number of tiles inferred (``tiles``).
     """
+    from wsiseg.tiling import TileStream
+
     ch = cfg.chunk
     n_bands = -(-view.shape[0] // ch)
     stop_band = n_bands if stop_band is None else min(stop_band, n_bands)
@@ -183,10 +188,12 @@ def infer_bands(view: ScaledView, grid: TileGrid, keep: np.ndarray, predictor: P
     for blk in todo:
         for c in blk.cols:
             blender.expect(blk.y, int(xs[c]))
-    n_todo = sum(len(b.cols) for b in todo)
+    stream = TileStream(view, grid, todo, cfg.batch_size, workers=cfg.workers, cols=cfg.block_tiles * grid.stride)
+    n_todo = stream.tiles
     if progress_total:
         progress_total(n_todo)
     t = dict.fromkeys(("infer", "blend", "write", "read_wait"), 0.0)
+    out = np.empty((cfg.batch_size, len(predictor.channels), cfg.tile, cfg.tile), np.float32)
 
     def write_ready() -> None:
         tw = time.perf_counter()
@@ -197,43 +204,29 @@ def infer_bands(view: ScaledView, grid: TileGrid, keep: np.ndarray, predictor: P
             trim_heap(every=0.5)
         t["write"] += time.perf_counter() - tw
 
-    batch: list[np.ndarray] = []
-    where: list[tuple[int, int]] = []
-
-    def flush() -> None:
-        if not batch:
-            return
-        ti = time.perf_counter()
-        probs = predictor(np.stack(batch))
-        t["infer"] += time.perf_counter() - ti
-        tb = time.perf_counter()
-        probs *= blender.win  # the window weights, once for the batch (as add() would per tile)
-        for p, (y, x) in zip(probs, where):
-            blender.add(p, y, x, weighted=True)
-        t["blend"] += time.perf_counter() - tb
-        if progress:
-            progress(len(batch))
-        batch.clear()
-        where.clear()
-
     t_loop = time.perf_counter()
-    prefetch = BlockPrefetcher(view, todo, workers=cfg.workers, max_in_flight=2 * max(1, cfg.workers) + 2)
-    with blender:  # removes the blender's spill folder, whatever happens
-        write_ready()  # blocks that no tile touches, before the first tile
-        tw0 = time.perf_counter()
-        for blk, pixels in prefetch:
-            t["read_wait"] += time.perf_counter() - tw0
-            for c in blk.cols:
-                x = int(xs[c])
-                batch.append(pixels[:, x - blk.x : x - blk.x + cfg.tile])
-                where.append((blk.y, x))
-                if len(batch) >= cfg.batch_size:
-                    flush()
-                    write_ready()
-            tw0 = time.perf_counter()
-        flush()
-        write_ready()
-    t["read"] = prefetch.read_seconds
+    try:
+        with blender:  # removes the blender's spill folder, whatever happens
+            write_ready()  # blocks that no tile touches, before the first tile
+            for tiles, where in stream:
+                ti = time.perf_counter()
+                # probabilities x window (as add() would weight each tile), into the reused buffer
+                probs = predictor(tiles, weight=blender.win, out=out[: len(where)])
+                tb = time.perf_counter()
+                t["infer"] += tb - ti
+                for p, (y, x) in zip(probs, where):
+                    blender.add(p, y, x, weighted=True)
+                t["blend"] += time.perf_counter() - tb
+                if progress:
+                    progress(len(where))
+                write_ready()
+            write_ready()
+    finally:
+        tw = time.perf_counter()
+        store.flush()  # the blocks and progress records queued in the writer thread
+        t["write"] += time.perf_counter() - tw
+    t["read_wait"] = stream.wait_seconds
+    t["read"] = stream.read_seconds
     t["tiles_loop"] = time.perf_counter() - t_loop
     t["tiles"] = n_todo
     return t

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager, nullcontext
 
+import cv2
 import numpy as np
 import torch
 
@@ -40,12 +42,38 @@ def fold_batchnorm(net: torch.nn.Module) -> torch.nn.Module:
     return net
 
 
+@contextmanager
+def _one_thread(numel: int):
+    """Run the block with one torch CPU thread (then restore the count), for the activation of
+    ``numel`` elements after the network: on a CPU shared with reader threads (and other jobs),
+    OpenMP's parallel loops over a few MB cost more in synchronisation than they gain. Only where
+    the values cannot change: an elementwise kernel runs its vectorised loop over each thread's
+    share and a scalar loop over what is left of it (the scalar exp may round differently), so
+    when ``numel`` is a multiple of 32 per thread (2 AVX-512 vectors; tiles of a multiple of 16
+    px, as every shipped model needs) no element is left to the scalar loop either way."""
+    n = torch.get_num_threads()
+    if n == 1 or numel % (32 * n):
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 class Predictor:
     """Runs a :class:`LoadedModel` on tiles.
 
     Input: (N, T, T, 3) uint8 RGB. Output: (N, C, T, T) float32 probabilities (sigmoid or
-    softmax as the sidecar says). The batch is normalised on the device and fed channels_last
-    (a view of the NHWC array, no copy), which is about 1.5x faster on CPU than NCHW.
+    softmax as the sidecar says), or probabilities times a (T, T) ``weight`` (the blending window)
+    into an optional preallocated ``out``. The batch is normalised on the device and fed
+    channels_last (NHWC memory viewed as NCHW, no copy), which is about 1.5x faster on CPU than
+    NCHW. On CPU the normalisation is a table look-up (:meth:`normalise`: the same bits as the
+    tensor ops, without their per-element broadcasting over 3 channels), and the activation and
+    the window multiply run on one thread (the multiply fused with the NHWC -> NCHW copy of the
+    output). A network whose output repeats one map over the classes (an ``expand``, stride 0:
+    e.g. the I/O benchmark's stand-in network) has its activation computed once per map.
     """
 
     def __init__(self, model: LoadedModel, device: str = "auto", threads: int | None = None):
@@ -57,26 +85,64 @@ class Predictor:
         self.amp = self.device.type == "cuda"
         self._mean = torch.tensor(model.mean, device=self.device).view(1, 3, 1, 1) * 255
         self._std = torch.tensor(model.std, device=self.device).view(1, 3, 1, 1) * 255
+        # (v - mean) / std of every byte value v, per channel, by the same float32 tensor ops
+        v = torch.arange(256, dtype=torch.float32).view(256, 1)
+        lut = (v - self._mean.cpu().view(1, 3)) / self._std.cpu().view(1, 3)
+        self._lut = np.ascontiguousarray(lut.numpy().reshape(1, 256, 3))
 
     @property
     def channels(self) -> list[str]:
         return self.model.classes
 
+    def normalise(self, tiles: np.ndarray) -> np.ndarray:
+        """(N, H, W, 3) uint8 -> (N, H, W, 3) float32 (v - 255 mean) / (255 std) per channel: a
+        table of the 256 x 3 values computed by the tensor ops, looked up in one OpenCV pass, so
+        bit for bit what ``(x.float() - mean) / std`` gives on the batch."""
+        n, h, w, c = tiles.shape
+        x = cv2.LUT(np.ascontiguousarray(tiles).reshape(n * h, w, c), self._lut)
+        return x.reshape(n, h, w, c)
+
     @torch.inference_mode()
-    def __call__(self, tiles: np.ndarray) -> np.ndarray:
+    def __call__(self, tiles: np.ndarray, weight: np.ndarray | None = None,
+                 out: np.ndarray | None = None) -> np.ndarray:
+        """Probabilities (N, C, T, T) float32 of (N, T, T, 3) uint8 tiles; with ``weight`` (T, T)
+        float32, probabilities x weight (the same float32 products as multiplying afterwards).
+        ``out``: a C-contiguous (N, C, T, T) float32 array to write into (returned)."""
         t = tiles.shape[1]
         if t % self.model.input_multiple:
             raise ValueError(f"tile size {t} is not a multiple of {self.model.input_multiple}, which the model needs")
-        x = torch.from_numpy(np.ascontiguousarray(tiles))
         if self.device.type == "cuda":
+            x = torch.from_numpy(np.ascontiguousarray(tiles))
             x = x.pin_memory().to(self.device, non_blocking=True)
-        x = x.permute(0, 3, 1, 2).float()  # NHWC memory = channels_last
-        x = (x - self._mean) / self._std
+            x = x.permute(0, 3, 1, 2).float()  # NHWC memory = channels_last
+            x = (x - self._mean) / self._std
+        else:
+            x = torch.from_numpy(self.normalise(tiles)).permute(0, 3, 1, 2)  # channels_last view
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
             logits = self.net(x)
         logits = logits.float()
-        if self.model.activation == "softmax":
-            probs = torch.softmax(logits, dim=1)
-        else:
-            probs = torch.sigmoid(logits)
-        return probs.contiguous().cpu().numpy()
+        cpu = self.device.type == "cpu"
+        # one map repeated over the classes (stride 0): its sigmoid once (softmax needs them all)
+        once = (logits.dim() == 4 and logits.shape[1] > 1 and logits.stride(1) == 0
+                and self.model.activation != "softmax")
+        z = logits[:, :1].contiguous() if once else logits  # (the map may be a strided view)
+        with _one_thread(z.numel()) if cpu else nullcontext():
+            if self.model.activation == "softmax":
+                probs = torch.softmax(z, dim=1)
+            else:
+                probs = torch.sigmoid(z)
+            if not cpu:
+                probs = probs.contiguous().cpu()
+            p = probs.numpy()  # any strides (channels_last, or one channel for all)
+            shape = (logits.shape[0], logits.shape[1]) + tuple(logits.shape[2:])
+            if out is None:
+                if weight is None and p.shape == shape and p.flags.c_contiguous:
+                    return p  # already NCHW (a fresh host copy on CUDA)
+                out = np.empty(shape, np.float32)
+            elif out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+                raise ValueError(f"out must be C-contiguous float32 {shape}, got {out.dtype} {out.shape}")
+            if weight is None:
+                np.copyto(out, p)  # NCHW, whatever the network's layout; broadcast over classes
+            else:
+                np.multiply(p, weight, out=out)
+        return out

@@ -52,6 +52,20 @@ def _composite_on_white(rgba: np.ndarray, background: tuple[int, int, int]) -> n
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
+def _raw_reader():
+    """openslide-python's own ``openslide_read_region`` binding (with its error check) and its
+    ARGB -> RGBA converter, for reading into NumPy buffers; None where this openslide-python does
+    not have them (then the PIL path is used)."""
+    try:
+        from ctypes import POINTER, c_uint32
+
+        from openslide import _convert, lowlevel
+
+        return lowlevel._read_region, _convert.argb2rgba, POINTER(c_uint32)
+    except (ImportError, AttributeError):
+        return None
+
+
 class OpenSlideReader:
     """A whole-slide image through OpenSlide (SVS, NDPI, MRXS, generic tiled TIFF, ...)."""
 
@@ -73,23 +87,55 @@ class OpenSlideReader:
         self.level_dimensions = list(self._slide.level_dimensions)
         self.level_downsamples = list(self._slide.level_downsamples)
         self.vendor = props.get(openslide.PROPERTY_NAME_VENDOR, "unknown")
+        self._raw = _raw_reader()
+        if self._raw is not None:  # the private binding must give the PIL path's pixels, or is not used
+            try:
+                top = len(self.level_dimensions) - 1
+                w, h = (min(16, d) for d in self.level_dimensions[top])
+                for probe in (((0, 0), top, (w, h)), ((-3, -3), top, (w + 6, h + 6))):  # inside; reaching out
+                    ref = _composite_on_white(np.asarray(self._slide.read_region(*probe)), self._bg)
+                    if not np.array_equal(self._read_raw(*probe), ref):
+                        self._raw = None
+                        break
+            except Exception:  # a changed private API: the public path
+                self._raw = None
 
     def read_region(self, location, level, size):
         import openslide
 
         try:
-            img = self._slide.read_region(location, level, size)
+            if self._raw is None:
+                return _composite_on_white(np.asarray(self._slide.read_region(location, level, size)), self._bg)
+            return self._read_raw(location, level, size)
         except openslide.OpenSlideError as e:
             raise SlideError(
                 f"{self.path}: reading {size[0]}x{size[1]} px at {location} (level {level}) failed; "
                 f"the slide is damaged or truncated ({e})"
             ) from None
-        return _composite_on_white(np.asarray(img), self._bg)
 
-    def thumbnail(self, max_size, strip_rows: int = 512):
-        """Read the best level for the thumbnail's scale in strips of ``strip_rows`` rows, each
-        shrunk on arrival, so memory holds one strip, never the whole level (a 4x level of a
-        100k px slide would be 2.5 GB as RGBA)."""
+    def _read_raw(self, location, level, size) -> np.ndarray:
+        """OpenSlide's premultiplied ARGB straight into a NumPy buffer (no ctypes zero-fill, PIL
+        image or copies). Opaque regions (the usual case) become RGB in one OpenCV pass; any other
+        goes through openslide-python's own ARGB -> RGBA conversion and :func:`_composite_on_white`,
+        so the pixels are exactly those of the PIL path."""
+        read, to_rgba, ptr_type = self._raw
+        w, h = int(size[0]), int(size[1])
+        if w <= 0 or h <= 0:
+            if w < 0 or h < 0:
+                raise SlideError(f"{self.path}: negative read size {size}")
+            return np.zeros((h, w, 3), np.uint8)
+        buf = np.empty((h, w), np.uint32)
+        read(self._slide._osr, buf.ctypes.data_as(ptr_type), int(location[0]), int(location[1]), int(level), w, h)
+        if buf.min() >= 0xFF000000:  # alpha 255 everywhere: bytes B, G, R, A in memory
+            return cv2.cvtColor(buf.view(np.uint8).reshape(h, w, 4), cv2.COLOR_BGRA2RGB)
+        to_rgba(buf)
+        return _composite_on_white(buf.view(np.uint8).reshape(h, w, 4), self._bg)
+
+    def thumbnail(self, max_size, strip_rows: int = 512, strip_cols: int = 8192):
+        """Read the best level for the thumbnail's scale in pieces of ``strip_rows`` rows by
+        ``strip_cols`` columns, each shrunk on arrival, so memory holds one piece (and the
+        thumbnail), never a whole level or a row of it (a 4x level of a 100k px slide would be
+        2.5 GB as RGBA). A level at most ``strip_cols`` wide is read in whole-width strips."""
         w, h = self.level_dimensions[0]
         s = max(w, h) / max_size
         level = self._slide.get_best_level_for_downsample(max(s, 1.0))
@@ -97,15 +143,24 @@ class OpenSlideReader:
         f = max(1.0, max(lw, lh) / max_size)
         tw, th = max(1, round(lw / f)), max(1, round(lh / f))
         d = self.level_downsamples[level]
-        strips = []
-        for y0 in range(0, lh, strip_rows):
-            y1 = min(lh, y0 + strip_rows)
-            oy0, oy1 = round(y0 / f), round(y1 / f) if y1 < lh else th
+
+        def cuts(n: int, step: int, t: int) -> list[tuple[int, int, int, int]]:
+            """[a, b) of the level and the [oa, ob) of the thumbnail it is shrunk to, per step."""
+            return [(a, min(n, a + step), round(a / f), round(min(n, a + step) / f) if a + step < n else t)
+                    for a in range(0, n, step)]
+
+        cols = cuts(lw, lw if lw <= strip_cols else strip_cols, tw)
+        out = np.zeros((th, tw, 3), np.uint8)
+        for y0, y1, oy0, oy1 in cuts(lh, strip_rows, th):
             if oy1 <= oy0:
                 continue
-            region = self.read_region((0, round(y0 * d)), level, (lw, y1 - y0))
-            strips.append(cv2.resize(region, (tw, oy1 - oy0), interpolation=cv2.INTER_AREA) if f > 1 else region)
-        return np.concatenate(strips, axis=0)
+            for x0, x1, ox0, ox1 in cols:
+                if ox1 <= ox0:
+                    continue
+                region = self.read_region((round(x0 * d), round(y0 * d)), level, (x1 - x0, y1 - y0))
+                out[oy0:oy1, ox0:ox1] = (cv2.resize(region, (ox1 - ox0, oy1 - oy0), interpolation=cv2.INTER_AREA)
+                                         if f > 1 else region)
+        return out
 
     def close(self):
         self._slide.close()
@@ -268,17 +323,35 @@ class ScaledView:
 
     def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
         """Model-px rectangle (h, w, 3) uint8; outside the image is mirrored."""
+        y0, x0, y1, x1 = self.inner(y, x, h, w)
+        return self.pad(self._read_model(y0, x0, y1 - y0, x1 - x0), y, x, h, w)
+
+    def inner(self, y: int, x: int, h: int, w: int) -> tuple[int, int, int, int]:
+        """(y0, x0, y1, x1): the part of a rectangle inside the view, which :meth:`read` reads and
+        mirrors out to the rectangle (entirely outside: the nearest pixel)."""
         H, W = self.shape
         y0, x0, y1, x1 = max(y, 0), max(x, 0), min(y + h, H), min(x + w, W)
         if y1 <= y0 or x1 <= x0:
             # Entirely outside: mirror-read the nearest valid rectangle by padding below.
             y0, x0 = min(max(y, 0), H - 1), min(max(x, 0), W - 1)
             y1, x1 = y0 + 1, x0 + 1
-        inner = self._read_model(y0, x0, y1 - y0, x1 - x0)
+        return y0, x0, y1, x1
+
+    def pad(self, inner: np.ndarray, y: int, x: int, h: int, w: int) -> np.ndarray:
+        """The rectangle (y, x, h, w) from the pixels of its :meth:`inner` part: mirrored outward
+        (NumPy's ``symmetric`` padding of that part), as :meth:`read` returns it."""
+        y0, x0, y1, x1 = self.inner(y, x, h, w)
         pads = ((y0 - y, y + h - y1), (x0 - x, x + w - x1), (0, 0))
         if any(p for pair in pads for p in pair):
             inner = np.pad(inner, pads, mode="symmetric")
         return inner
+
+    @property
+    def exact_subreads(self) -> bool:
+        """Whether a pixel inside the view reads the same whatever rectangle it is read in: true
+        with no resampling and with integer factors (block means); the general affine path
+        blurs across the edges of the rectangle read."""
+        return self.factor == int(self.factor)
 
     def _read_model(self, y: int, x: int, h: int, w: int) -> np.ndarray:
         """Model-px rectangle fully inside the view."""
