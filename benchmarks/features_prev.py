@@ -57,68 +57,28 @@ agree to the last bit.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
-CLASS_CHANNELS: tuple[str, ...] = ("normal", "lymphocyte", "malignant")
-AREA_THRESHOLDS: tuple[float, ...] = (0.02, 0.04, 0.08, 0.16, 0.24, 0.32, 0.5)
-BLOB_THRESHOLDS: tuple[float, ...] = (0.02, 0.04, 0.08, 0.16, 0.24, 0.5)
-
-
-@dataclass(frozen=True)
-class LoGParams:
-    """The fixed ``skimage.feature.blob_log`` parameters (pixels at 0.5 um/px); see the module doc."""
-
-    min_sigma: float = 2.0
-    max_sigma: float = 6.0
-    num_sigma: int = 5
-    overlap: float = 0.5
-
-
-LOG_PARAMS = LoGParams()
-
-
-def _names() -> list[str]:
-    names: list[str] = []
-    for ch in CLASS_CHANNELS:
-        names += [f"{ch}_area_t{t:g}" for t in AREA_THRESHOLDS]
-        names += [f"{ch}_act_t{t:g}" for t in AREA_THRESHOLDS]
-        names += [f"{ch}_blobs_t{t:g}" for t in BLOB_THRESHOLDS]
-        names += [f"{ch}_blobact_t{t:g}" for t in BLOB_THRESHOLDS]
-        names.append(f"{ch}_total")
-    return names
-
-
-FEATURE_NAMES: list[str] = _names()
-N_FEATURES: int = len(FEATURE_NAMES)  # 81
-_PER_CHANNEL = N_FEATURES // len(CLASS_CHANNELS)  # 27
-
-
-# --------------------------------------------------------------------------------------------
-# input handling
-
-
-def _channel_maps(probs: np.ndarray, channels: Sequence[str]) -> list[np.ndarray]:
-    """The Normal, Lymphocyte, Malignant maps of ``probs`` (C, H, W) as C-contiguous float32 (H, W)."""
-    probs = np.asarray(probs)
-    if probs.ndim != 3:
-        raise ValueError(f"probs must be (C, H, W), got shape {probs.shape}")
-    lower = [str(c).lower() for c in channels]
-    if len(lower) != probs.shape[0]:
-        raise ValueError(f"{len(lower)} channel names for {probs.shape[0]} channels")
-    missing = [c for c in CLASS_CHANNELS if c not in lower]
-    if missing:
-        raise ValueError(f"probs has channels {list(channels)}; the features need {list(CLASS_CHANNELS)} "
-                         f"(missing {missing})")
-    return [np.ascontiguousarray(probs[lower.index(c)], dtype=np.float32) for c in CLASS_CHANNELS]
-
-
-def _total(m: np.ndarray) -> float:
-    return float(m.sum(dtype=np.float64))
+# unchanged since that commit: shared with the package rather than copied
+from cellularity.features import (  # noqa: F401  (re-exported for the comparison)
+    AREA_THRESHOLDS,
+    BLOB_THRESHOLDS,
+    CLASS_CHANNELS,
+    FEATURE_NAMES,
+    LOG_PARAMS,
+    N_FEATURES,
+    _PER_CHANNEL,
+    LoGParams,
+    _area_act_reference,
+    _channel_maps,
+    _pair_overlap,
+    _sigma_list,
+    _total,
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,24 +103,8 @@ def _area_act_fast(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return area_above, act_above
 
 
-def _area_act_reference(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The naive loop: one mask per threshold. ``m``: (H, W) float32 -> two (7,) float64."""
-    area = np.empty(len(AREA_THRESHOLDS))
-    act = np.empty(len(AREA_THRESHOLDS))
-    for j, t in enumerate(AREA_THRESHOLDS):
-        sel = m > np.float32(t)
-        area[j] = np.count_nonzero(sel)
-        act[j] = m[sel].sum(dtype=np.float64)
-    return area, act
-
-
 # --------------------------------------------------------------------------------------------
 # Laplacian-of-Gaussian blobs
-
-
-def _sigma_list(p: LoGParams) -> np.ndarray:
-    """Sigmas exactly as ``blob_log`` builds them for a 2-D float32 image: (num_sigma, 2) float32."""
-    return np.linspace(np.full(2, p.min_sigma, np.float32), np.full(2, p.max_sigma, np.float32), p.num_sigma)
 
 
 def log_scale_space(m: np.ndarray, params: LoGParams = LOG_PARAMS) -> np.ndarray:
@@ -198,44 +142,6 @@ def _sorted_maxima(cube: np.ndarray, t_min: float) -> tuple[np.ndarray, np.ndarr
     blobs[:, 1] = xi[order]
     blobs[:, 2] = si[order]  # the scale index; the caller maps it to sigma
     return blobs, resp[order]
-
-
-def _pair_overlap(b1: np.ndarray, b2: np.ndarray) -> np.ndarray:
-    """Overlap fraction of blob pairs, vectorised ``skimage.feature.blob._blob_overlap`` (2-D).
-
-    ``b1``, ``b2``: (P, 3) float32 rows (y, x, sigma), sigma > 0. Computed in float32 with the
-    same operation order as skimage's scalar code (which runs on float32 rows), so the
-    ``> overlap`` decisions agree. Returns (P,) float32.
-    """
-    s1, s2 = b1[:, 2], b2[:, 2]
-    big1 = s1 > s2
-    max_sigma = np.where(big1, s1, s2)
-    one = np.float32(1)
-    r1 = np.where(big1, one, s1 / s2)
-    r2 = np.where(big1, s2 / s1, one)
-    scale = max_sigma * np.float32(math.sqrt(2))
-    pos1 = b1[:, :2] / scale[:, None]
-    pos2 = b2[:, :2] / scale[:, None]
-    diff = pos2 - pos1
-    d = np.sqrt(diff[:, 0] ** 2 + diff[:, 1] ** 2)
-    out = np.zeros(len(d), dtype=np.float32)
-    inside = d <= np.abs(r1 - r2)
-    out[inside] = 1
-    part = ~inside & ~(d > r1 + r2)
-    if part.any():
-        d, r1, r2 = d[part], r1[part], r2[part]
-        ratio1 = np.clip((d**2 + r1**2 - r2**2) / (2 * d * r1), -1, 1)
-        ratio2 = np.clip((d**2 + r2**2 - r1**2) / (2 * d * r2), -1, 1)
-        acos1 = np.arccos(ratio1.astype(np.float64)).astype(np.float32)
-        acos2 = np.arccos(ratio2.astype(np.float64)).astype(np.float32)
-        a = -d + r2 + r1
-        b = d - r2 + r1
-        c = d + r2 - r1
-        e = d + r2 + r1
-        root = (0.5 * np.sqrt(np.abs(a * b * c * e).astype(np.float64))).astype(np.float32)
-        area = r1**2 * acos1 + r2**2 * acos2 - root
-        out[part] = area / (np.float32(math.pi) * np.minimum(r1, r2) ** 2)
-    return out
 
 
 def _prune(blobs: np.ndarray, overlap: float) -> np.ndarray:

@@ -214,13 +214,6 @@ def _feature(mask: np.ndarray, x0: int, y0: int, scale: float, mpp: float, gid: 
 # ------------------------------------------------------------------------------ windows
 
 
-def _window_labels(prob: np.ndarray, mpp: float, cfg: PostprocessConfig,
-                   marker: np.ndarray | None = None) -> np.ndarray:
-    """:func:`instances_from_probability` of one window (uint8 maps; ``marker`` the predicted
-    shape-marker map of a mask + marker model, or None for distance-transform markers)."""
-    return instances_from_probability(prob, mpp, cfg, marker_prob=marker)
-
-
 class _Window:
     """The instances of one extended window, seen from its core."""
 
@@ -249,7 +242,7 @@ def _process_window(arr, c: int, core: tuple[int, int, int, int], shape: tuple[i
         if not (prob.astype(np.float32) / np.float32(255) > thr).any():
             return None, retries
         marker = None if mc is None else np.asarray(arr[mc, ey0:ey1, ex0:ex1])
-        lab = _window_labels(prob, mpp, cfg, marker)  # labels 1..n
+        lab = instances_from_probability(prob, mpp, cfg, marker_prob=marker)  # labels 1..n
         cy0, cy1, cx0, cx1 = y0 - ey0, y1 - ey0, x0 - ex0, x1 - ex0
         in_core = np.unique(lab[cy0:cy1, cx0:cx1])
         in_core = in_core[in_core > 0]

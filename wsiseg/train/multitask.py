@@ -24,11 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wsiseg.models.registry import build_model, load_model, save_model
+from wsiseg.models.registry import build_model, save_model
 from wsiseg.train.augment import augment
 from wsiseg.train.datasets import (
     CLASS_CHANNELS, ClassSample, data_hash, load_consep, load_monusac, split_groups, split_monuseg,
 )
+from wsiseg.train.loop import init_from_model
 from wsiseg.train.losses import masked_bce_dice, rakhlin_loss
 
 OUTPUT_CHANNELS = ("nucleus",) + CLASS_CHANNELS
@@ -135,22 +136,6 @@ def evaluate_classes(net, nuc_val, cls_val: list[ClassSample], mean, std) -> dic
     return out
 
 
-def _init_from(net, name: str, log) -> tuple[list, list]:
-    src = load_model(name)
-    own = net.state_dict()
-    state = {}
-    for k, v in src.network.state_dict().items():
-        if k in own and own[k].shape == v.shape:
-            state[k] = v
-        elif k in own and k.startswith("head.") and own[k].shape[1:] == v.shape[1:]:
-            merged = own[k].clone()
-            merged[: v.shape[0]] = v
-            state[k] = merged
-    net.load_state_dict(state, strict=False)
-    log(f"initialised {len(state)}/{len(own)} tensors from {name}")
-    return src.mean, src.std
-
-
 def train_multitask(cfg: MultitaskConfig, log=print) -> Path:
     """Train; resumes from ``cfg.out/last.pt``. Returns the best weights' path."""
     out = Path(cfg.out)
@@ -172,7 +157,7 @@ def train_multitask(cfg: MultitaskConfig, log=print) -> Path:
 
     net = build_model(cfg.architecture, **{**cfg.arch_kwargs, "out_channels": len(OUTPUT_CHANNELS)})
     if cfg.init_from:
-        mean, std = _init_from(net, cfg.init_from, log)
+        mean, std = init_from_model(net, cfg.init_from, log)
     else:
         pix = np.concatenate([s.image.reshape(-1, 3) for s in nuc_train]).astype(np.float64) / 255
         mean, std = pix.mean(0).tolist(), pix.std(0).tolist()
