@@ -181,3 +181,24 @@ def test_cellularity_train_cnn_cli_and_run_with_it(tmp_path, monuseg_image):
                  "--lgbm", "none", "--cnn", str(stem)]) == 0
     rows = list(csv.DictReader(open(tmp_path / "o" / "p" / "cellularity.csv")))
     assert rows and all(0 <= float(r["cellularity_cnn"]) <= 1 for r in rows)
+
+
+@pytest.mark.slow
+def test_cellularity_train_and_eval_direct_image_regressor_cli(tmp_path):
+    """Seed 003's direct baseline (ResNet-34 on RGB, 101 bins) trains, saves and re-evaluates alike."""
+    need(CONSEP)
+    model = _class_model(tmp_path)
+    stem = tmp_path / "img"
+    assert main(["cellularity", "train", "--regressor", "image", "--mode", "classification", "--width", "quarter",
+                 "--data", f"consep:{CONSEP}", "--model", str(model), "--max-patches", "32", "--val-every", "2",
+                 "--epochs", "1", "-o", str(stem)]) == 0
+    meta = json.loads((tmp_path / "img.json").read_text())
+    assert meta["class"] == "ImageCNNRegressor" and meta["mode"] == "classification"
+    assert meta["input"]["kind"] == "images" and meta["input"]["input_size"] == 128
+    assert meta["label"] == "proxy" and meta["validation_metrics"]["n"] == 16
+    out = tmp_path / "eval.json"
+    assert main(["cellularity", "eval", "--data", f"consep:{CONSEP}", "--model", str(model), "--max-patches", "32",
+                 "--val-every", "2", "--lgbm", "none", "--cnn", "none", "--image-cnn", str(stem),
+                 "--json", str(out)]) == 0
+    row = json.loads(out.read_text())["rows"]["image-classification (img)"]
+    assert row["n"] == 16 and row["mse"] == pytest.approx(meta["validation_metrics"]["mse"], rel=1e-5)

@@ -325,8 +325,15 @@ def test_maskrcnn_trains_on_real_instances_and_runs_as_a_semantic_model(instance
     meta = {"id": "mr", "architecture": "maskrcnn", "arch_kwargs": net.export_kwargs(), "classes": ["nucleus"],
             "mpp": 0.5, "normalization": {"mean": MEAN.tolist(), "std": STD.tolist()}, "input_multiple": 32}
     tiles = np.clip((x.permute(0, 2, 3, 1).numpy() * STD + MEAN) * 255, 0, 255).round().astype(np.uint8)
-    probs = Predictor(LoadedModel(net, meta), "cpu", threads=1)(tiles)
+    pred = Predictor(LoadedModel(net, meta), "cpu", threads=1)
+    probs = pred(tiles)
     assert probs.shape == (2, 1, 128, 128) and probs.min() >= 0 and probs.max() <= 1
+    # `wsiseg eval` also scores its own instance head on whole images: same labels as the network's
+    from wsiseg.evaluate import own_instances
+
+    xt = torch.from_numpy(((tiles[:1].astype(np.float32) / 255 - MEAN) / STD).transpose(0, 3, 1, 2).copy()).float()
+    assert np.array_equal(own_instances(pred, tiles[0], 1.0), net.instances(xt)[0])
+    assert own_instances(pred, tiles[0][:100, :120], 1.0).shape == (100, 120)  # padded to 32, cropped back
 
 
 @pytest.mark.slow

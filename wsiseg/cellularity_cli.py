@@ -157,6 +157,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.regressor == "cnn":
         path, side, res = _train_cnn(args, predictor, train, val, label, out, log)
+    elif args.regressor == "image":
+        path, side, res = _train_image_cnn(args, predictor, train, val, label, out, log)
     else:
         path, side, res = _train_lgbm(args, predictor, train, val, label, out, log)
     meta = json.loads(side.read_text())
@@ -222,7 +224,7 @@ def _train_cnn(args, predictor, train, val, label, out, log):
     Xv, yv = _cnn_inputs(predictor, val, size)
     log(f"  CNN on {len(Xt)} train / {len(Xv)} val maps of {size} px (patches larger than that are left out)")
     width = {"full": None, "quarter": {"channels": [16, 32, 64, 128]}}[args.width]
-    reg = MapCNNRegressor(input_size=size, input_mpp=predictor.model.mpp, device=args.device, arch_kwargs=width)
+    reg = MapCNNRegressor(mode=args.mode, input_size=size, input_mpp=predictor.model.mpp, device=args.device, arch_kwargs=width)
     reg.fit(Xt, yt, Xv if len(Xv) else None, yv if len(Xv) else None, epochs=args.epochs,
             max_seconds=args.seconds, log=log, data_description={
                 "label": label, "data": args.data, "maps": f"predicted by {predictor.model.id}"})
@@ -230,6 +232,47 @@ def _train_cnn(args, predictor, train, val, label, out, log):
     if len(Xv):
         res = _metrics(yv, reg.predict(Xv), label)
         log(metrics_table({"cnn": res}))
+    path = reg.save(out)
+    return path, Path(str(path)).with_suffix(".json"), res
+
+
+def _image_inputs(patches: list[Patch], size: int):
+    """RGB patches (at the model's mpp) that fit one network input, padded with white glass.
+
+    The same patches as :func:`_cnn_inputs` keeps the map CNN and the direct regressor comparable."""
+    ims, ys = [], []
+    for p in patches:
+        h, w = p.image.shape[:2]
+        if h <= size and w <= size:
+            im = np.full((size, size, 3), 255, np.uint8)
+            im[:h, :w] = p.image
+            ims.append(im)
+            ys.append(p.y)
+    if not ims:
+        return np.empty((0, size, size, 3), np.uint8), np.empty(0)
+    return np.stack(ims), np.array(ys)
+
+
+def _train_image_cnn(args, predictor, train, val, label, out, log):
+    """Seed 003's direct baseline: ResNet-34 on the RGB patch (regression or 101-bin classes)."""
+    from cellularity.cnn import ImageCNNRegressor
+
+    size = args.input_size
+    Xt, yt = _image_inputs(train, size)
+    Xv, yv = _image_inputs(val, size)
+    if not len(Xt):
+        raise SystemExit(f"wsiseg: error: no training patch fits --input-size {size} px at {predictor.model.mpp} um/px")
+    log(f"  direct image CNN ({args.mode}) on {len(Xt)} train / {len(Xv)} val RGB patches of {size} px "
+        "(patches larger than that are left out)")
+    width = {"full": None, "quarter": {"channels": [16, 32, 64, 128]}}[args.width]
+    reg = ImageCNNRegressor(mode=args.mode, input_size=size, input_mpp=predictor.model.mpp, device=args.device,
+                            arch_kwargs=width)
+    reg.fit(Xt, yt, Xv if len(Xv) else None, yv if len(Xv) else None, epochs=args.epochs,
+            max_seconds=args.seconds, log=log, data_description={"label": label, "data": args.data})
+    res = {}
+    if len(Xv):
+        res = _metrics(yv, reg.predict(Xv), label)
+        log(metrics_table({f"image-{args.mode}": res}))
     path = reg.save(out)
     return path, Path(str(path)).with_suffix(".json"), res
 
@@ -260,12 +303,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         pred = reg.predict([pad_to(m, 16) for m in maps])
         rows[kind] = _metrics(y, pred, label)
+    for name in args.image_cnn or []:
+        from cellularity.cnn import ImageCNNRegressor
+
+        path = _find_image_cnn(name)
+        reg = ImageCNNRegressor.load(path, device=args.device)
+        X, yi = _image_inputs(patches, int(reg.input_size))
+        if not len(X):
+            print(f"wsiseg: warning: no patch fits {name}'s {reg.input_size} px input, skipped", file=sys.stderr)
+            continue
+        rows[f"image-{reg.mode} ({Path(name).name})"] = _metrics(yi, reg.predict(X), label)
     print(metrics_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"patches": len(patches), "split": args.split, "rows": rows,
                                                "model": predictor.model.id, "data": args.data}, indent=2,
                                               default=float) + "\n")
     return 0
+
+
+def _find_image_cnn(name: str) -> Path:
+    from wsiseg.models.registry import WEIGHTS_DIR
+
+    for base in (Path(name), WEIGHTS_DIR / Path(name).name):
+        c = base if base.suffix == ".safetensors" else base.with_name(base.name + ".safetensors")
+        if c.is_file() and c.with_suffix(".json").is_file():
+            return c
+    raise SystemExit(f"wsiseg: error: --image-cnn {name}: no {name}.safetensors with its .json sidecar "
+                     f"(looked beside the path and in {WEIGHTS_DIR})")
 
 
 def add_parser(sub) -> None:
@@ -287,8 +351,11 @@ def add_parser(sub) -> None:
             p.add_argument("-o", "--out", required=True, help="output stem: writes STEM.txt and STEM.json")
             p.add_argument("--importance", default=None, help="write the feature importance plot (PNG) here")
             p.add_argument("--threads", type=int, default=None)
-            p.add_argument("--regressor", choices=["lgbm", "cnn"], default="lgbm",
-                           help="lgbm: LightGBM on the 81 features; cnn: ResNet-34 on the 4-channel maps")
+            p.add_argument("--regressor", choices=["lgbm", "cnn", "image"], default="lgbm",
+                           help="lgbm: LightGBM on the 81 features; cnn: ResNet-34 on the 4-channel maps; "
+                                "image: the direct baseline, ResNet-34 on the RGB patch")
+            p.add_argument("--mode", choices=["regression", "classification"], default="regression",
+                           help="cnn / image: sigmoid regression (MSE) or 101-bin classification")
             p.add_argument("--input-size", type=int, default=128, help="cnn: maps per network input, px")
             p.add_argument("--epochs", type=int, default=30, help="cnn: epochs")
             p.add_argument("--width", choices=["full", "quarter"], default="full",
@@ -298,5 +365,7 @@ def add_parser(sub) -> None:
             p.add_argument("--split", choices=["val", "all"], default="val")
             p.add_argument("--lgbm", default="cellularity-lgbm-proxy")
             p.add_argument("--cnn", default="cellularity-cnn-proxy")
+            p.add_argument("--image-cnn", action="append", default=None,
+                           help="also evaluate a direct image regressor (name or path; repeatable)")
             p.add_argument("--json", default=None)
         p.set_defaults(func=fn)

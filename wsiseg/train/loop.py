@@ -62,6 +62,9 @@ class TrainConfig:
     group_val_every: int = 5  # class_points: every n-th CoNSeP source image is validation
     init_from: str | None = None  # a registry model to start from (same architecture; the head's
     # matching rows are copied, so a 1-channel nucleus model can seed a mask + marker model)
+    clip_grad: float = 0.0  # clip the gradients' global L2 norm to this (0: off); e.g. for Mask
+    # R-CNN from random weights, whose early RPN/box losses spike
+    warmup_steps: int = 0  # linear learning-rate warm-up before the cosine schedule
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
@@ -196,6 +199,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
     while step < cfg.steps:
         net.train()
         lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+        if step < cfg.warmup_steps:
+            lr *= (step + 1) / cfg.warmup_steps
         for g in opt.param_groups:
             g["lr"] = lr
         if targets is None:
@@ -212,6 +217,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
             loss = _zoo_loss(cfg, net, loss_fn, train_s, targets, weights, mean, std, rng)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if cfg.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_grad)
         opt.step()
         step += 1
         if step % 10 == 0:

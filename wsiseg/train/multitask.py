@@ -61,6 +61,12 @@ class MultitaskConfig:
     threads: int = 0
     val_every: int = 100
     out: str = "runs/unet-bn-nuclei-classes-20x"
+    # Adam moves a parameter by about lr per step, so a class bias that starts 2 logits from its
+    # class's prior needs thousands of steps at 1e-3: ``prior_bias`` shifts each class channel's
+    # bias at the start (not on resume) so its mean predicted probability on class crops equals
+    # the class's pixel share in the training data; ``head_lr_mult`` scales the output layer's lr.
+    prior_bias: bool = False
+    head_lr_mult: float = 1.0
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "MultitaskConfig":
@@ -163,7 +169,12 @@ def train_multitask(cfg: MultitaskConfig, log=print) -> Path:
         mean, std = pix.mean(0).tolist(), pix.std(0).tolist()
     mean32, std32 = np.asarray(mean, np.float32), np.asarray(std, np.float32)
     net = net.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    head = [p for n, p in net.named_parameters() if n.startswith("head.")]
+    if cfg.head_lr_mult != 1.0 and not head:
+        raise ValueError(f"head_lr_mult needs a network with a `head` output layer ({cfg.architecture} has none)")
+    rest = [p for n, p in net.named_parameters() if not n.startswith("head.")]
+    groups = [{"params": rest, "lr_mult": 1.0}] + ([{"params": head, "lr_mult": cfg.head_lr_mult}] if head else [])
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     nuc_p = np.array([s.mask.size for s in nuc_train], np.float64)
     nuc_p /= nuc_p.sum()
     cls_p = np.array([s.classes.size for s in cls_train], np.float64)
@@ -205,12 +216,17 @@ def train_multitask(cfg: MultitaskConfig, log=print) -> Path:
             "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()},
         },
     }
+    if cfg.prior_bias and step == 0:
+        shift = calibrate_class_bias(net, cls_train, mean32, std32, cfg.class_crop, rng)
+        log("class biases shifted to the training priors: " + ", ".join(
+            f"{c} {v:+.2f}" for c, v in zip(CLASS_CHANNELS, shift)))
+        meta["training"]["prior_bias_shift"] = [round(float(v), 4) for v in shift]
     t0 = time.perf_counter() - elapsed
     while step < cfg.steps:
         net.train()
         lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_mult", 1.0)
         class_step = step % 2 == 1
         imgs, labs, wgts = [], [], []
         if class_step:
@@ -266,6 +282,29 @@ def train_multitask(cfg: MultitaskConfig, log=print) -> Path:
             (out / "history.json").write_text(json.dumps(history, indent=1))
     log(f"done: best validation score {best:.4f}; weights {out / cfg.id}.safetensors")
     return out / f"{cfg.id}.safetensors"
+
+
+@torch.no_grad()
+def calibrate_class_bias(net, samples: list[ClassSample], mean, std, crop: int, rng: np.random.Generator,
+                         n: int = 64) -> np.ndarray:
+    """Shift the class channels' output biases (``net.head``, channels 1..4) by
+    logit(prior) - logit(mean predicted probability) over ``n`` random crops, the prior being each
+    class's pixel share in ``samples``. Returns the shifts."""
+    counts = np.zeros(len(CLASS_CHANNELS))
+    for s in samples:
+        counts += np.bincount(s.classes.ravel(), minlength=len(CLASS_CHANNELS))[:len(CLASS_CHANNELS)]
+    prior = np.clip(counts / counts.sum(), 1e-4, 1 - 1e-4)
+    was = net.training
+    net.eval()
+    tot = np.zeros(len(CLASS_CHANNELS))
+    for i in rng.choice(len(samples), size=n):
+        im, _, _ = _crop_pad(samples[i].image, samples[i].classes, crop, rng, pad_label=3)
+        tot += torch.sigmoid(net(_to_tensor(im[None], mean, std)))[0, 1:].mean((1, 2)).numpy()
+    net.train(was)
+    cur = np.clip(tot / n, 1e-4, 1 - 1e-4)
+    shift = np.log(prior / (1 - prior)) - np.log(cur / (1 - cur))
+    net.head.bias[1:] += torch.as_tensor(shift, dtype=net.head.bias.dtype)
+    return shift
 
 
 def _class_hash(samples: list[ClassSample]) -> str:
