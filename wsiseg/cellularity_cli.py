@@ -280,7 +280,7 @@ def _train_image_cnn(args, predictor, train, val, label, out, log):
 def cmd_eval(args: argparse.Namespace) -> int:
     from wsiseg.models.registry import load_model
     from wsiseg.predict import Predictor
-    from wsiseg.scoring import load_regressor
+    from wsiseg.scoring import _find, load_regressor
 
     predictor = Predictor(load_model(args.model), args.device)
     patches = [p for spec in args.data
@@ -288,13 +288,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.split == "val":
         _, patches = split(patches, args.val_every)
     print(f"{len(patches)} patches ({args.split}); model {predictor.model.id}")
-    _, maps = _features(predictor, patches, print)
+    map_regs = [(k, n) for k, n in (("lgbm", args.lgbm), ("cnn", args.cnn)) if n and n != "none"]
+    maps = [class_maps(predictor, p.image) for p in patches] if map_regs else []
     y = np.array([p.y for p in patches])
     label = _label_of(patches)
     rows = {}
-    for kind, name in (("lgbm", args.lgbm), ("cnn", args.cnn)):
-        if not name or name == "none":
-            continue
+    for kind, name in map_regs:
         reg = load_regressor(kind, name)
         if reg is None:
             print(f"wsiseg: warning: regressor {name} ({kind}) not found, skipped", file=sys.stderr)
@@ -306,7 +305,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for name in args.image_cnn or []:
         from cellularity.cnn import ImageCNNRegressor
 
-        path = _find_image_cnn(name)
+        path = _find(name, (".safetensors",))
+        if path is None:
+            raise SystemExit(f"wsiseg: error: --image-cnn {name}: no {name}.safetensors with its .json sidecar "
+                             "(looked at the path and among the shipped weights)")
         reg = ImageCNNRegressor.load(path, device=args.device)
         X, yi = _image_inputs(patches, int(reg.input_size))
         if not len(X):
@@ -319,17 +321,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                                "model": predictor.model.id, "data": args.data}, indent=2,
                                               default=float) + "\n")
     return 0
-
-
-def _find_image_cnn(name: str) -> Path:
-    from wsiseg.models.registry import WEIGHTS_DIR
-
-    for base in (Path(name), WEIGHTS_DIR / Path(name).name):
-        c = base if base.suffix == ".safetensors" else base.with_name(base.name + ".safetensors")
-        if c.is_file() and c.with_suffix(".json").is_file():
-            return c
-    raise SystemExit(f"wsiseg: error: --image-cnn {name}: no {name}.safetensors with its .json sidecar "
-                     f"(looked beside the path and in {WEIGHTS_DIR})")
 
 
 def add_parser(sub) -> None:

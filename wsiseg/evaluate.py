@@ -147,11 +147,9 @@ def own_instances(predictor: Predictor, image: np.ndarray, scale: float) -> np.n
 
     img = np.ascontiguousarray(resample(image, scale))
     h, w = img.shape[:2]
-    m = int(getattr(predictor.model, "input_multiple", 32) or 32)
+    m = predictor.model.input_multiple
     img = np.pad(img, ((0, (-h) % m), (0, (-w) % m), (0, 0)), mode="reflect")
-    mean = np.asarray(predictor.model.mean, np.float32)
-    std = np.asarray(predictor.model.std, np.float32)
-    x = torch.from_numpy(((img.astype(np.float32) / 255 - mean) / std).transpose(2, 0, 1).copy())[None]
+    x = torch.from_numpy(predictor.normalise(img[None])).permute(0, 3, 1, 2)  # the engine's normalisation
     net = predictor.model.network
     dev = next(net.parameters()).device
     return net.instances(x.to(dev))[0][:h, :w]

@@ -170,8 +170,9 @@ def train_multitask(cfg: MultitaskConfig, log=print) -> Path:
     mean32, std32 = np.asarray(mean, np.float32), np.asarray(std, np.float32)
     net = net.to(memory_format=torch.channels_last)
     head = [p for n, p in net.named_parameters() if n.startswith("head.")]
-    if cfg.head_lr_mult != 1.0 and not head:
-        raise ValueError(f"head_lr_mult needs a network with a `head` output layer ({cfg.architecture} has none)")
+    if (cfg.head_lr_mult != 1.0 or cfg.prior_bias) and not head:
+        raise ValueError(f"head_lr_mult / prior_bias need a network with a `head` output layer "
+                         f"({cfg.architecture} has none)")
     rest = [p for n, p in net.named_parameters() if not n.startswith("head.")]
     groups = [{"params": rest, "lr_mult": 1.0}] + ([{"params": head, "lr_mult": cfg.head_lr_mult}] if head else [])
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -296,12 +297,11 @@ def calibrate_class_bias(net, samples: list[ClassSample], mean, std, crop: int, 
     prior = np.clip(counts / counts.sum(), 1e-4, 1 - 1e-4)
     was = net.training
     net.eval()
-    tot = np.zeros(len(CLASS_CHANNELS))
-    for i in rng.choice(len(samples), size=n):
-        im, _, _ = _crop_pad(samples[i].image, samples[i].classes, crop, rng, pad_label=3)
-        tot += torch.sigmoid(net(_to_tensor(im[None], mean, std)))[0, 1:].mean((1, 2)).numpy()
+    crops = [_crop_pad(samples[i].image, samples[i].classes, crop, rng, pad_label=3)[0]
+             for i in rng.choice(len(samples), size=n)]
+    cur = torch.sigmoid(net(_to_tensor(np.stack(crops), mean, std)))[:, 1:].mean((0, 2, 3)).numpy()
     net.train(was)
-    cur = np.clip(tot / n, 1e-4, 1 - 1e-4)
+    cur = np.clip(cur.astype(np.float64), 1e-4, 1 - 1e-4)
     shift = np.log(prior / (1 - prior)) - np.log(cur / (1 - cur))
     net.head.bias[1:] += torch.as_tensor(shift, dtype=net.head.bias.dtype)
     return shift
