@@ -295,8 +295,13 @@ def test_shipped_marker_model_runs_instances_with_its_tuned_postprocessing(tmp_p
     assert g.attrs["wsiseg"]["classes"] == ["nucleus", "marker"]
     la = zarr.open_group(str(out / "probabilities.zarr/labels/nuclei"), mode="r").attrs["wsiseg"]
     assert la["marker_channel"] == "marker"
-    assert la["postprocess"]["threshold"] == 0.7 and la["postprocess"]["marker_threshold"] == 0.7
+    from wsiseg.models.registry import load_model
+
+    tuned = load_model("unet-bn-marker-monuseg-20x").meta["postprocess"]
+    thr, mthr = tuned["threshold"], tuned["marker_threshold"]
+    assert (thr, mthr) != (0.5, 0.5)  # the sidecar's tuned values, not the defaults
+    assert la["postprocess"]["threshold"] == thr and la["postprocess"]["marker_threshold"] == mthr
     m = g["0"][:]
-    ref = instances_from_probability(m[0], 0.5, PostprocessConfig(threshold=0.7, marker_threshold=0.7), marker_prob=m[1])
+    ref = instances_from_probability(m[0], 0.5, PostprocessConfig(threshold=thr, marker_threshold=mthr), marker_prob=m[1])
     lab = level0(out, "probabilities.zarr/labels/nuclei")[0]
     assert int(ref.max()) > 50 and same_partition(ref, lab)

@@ -82,3 +82,33 @@ def test_a_map_repeated_over_classes_gets_its_activation_once(monuseg_image):
     for c in range(3):
         np.testing.assert_array_equal(p[:, c : c + 1], green)
     np.testing.assert_array_equal(pred(tiles, weight=window(64)), np.broadcast_to(green * window(64), p.shape))
+
+
+def test_an_error_in_the_tile_loop_stops_the_readers_before_the_slide_closes(tmp_path):
+    """A failing batch surfaces as the caller's exception; the reader threads are stopped and
+    joined first (OpenSlide aborts the process when a handle is closed under a running read)."""
+    import threading
+
+    from tests.conftest import SAMPLE_SVS
+    from wsiseg.bench import identity_model
+    from wsiseg.models.registry import load_model
+    from wsiseg.pipeline import RunConfig, run_slide
+    from wsiseg.predict import Predictor
+
+    pred = Predictor(identity_model(load_model()), "cpu", threads=1)
+    calls = {"n": 0}
+    inner = pred.__call__
+
+    class Failing(Predictor):
+        def __call__(self, tiles, weight=None, out=None):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("batch 3 failed")
+            return inner(tiles, weight=weight, out=out)
+
+    pred.__class__ = Failing
+    with pytest.raises(RuntimeError, match="batch 3 failed"):
+        run_slide(SAMPLE_SVS, tmp_path / "out", pred,
+                  RunConfig(batch_size=4, workers=2, cellularity=False))
+    assert calls["n"] == 3
+    assert not [t for t in threading.enumerate() if t.name == "wsiseg-reader" and t.is_alive()]

@@ -48,3 +48,69 @@ def test_config_rejects_unknown_keys(tmp_path):
     p.write_text("stepz: 3\n")
     with pytest.raises(ValueError, match="stepz"):
         TrainConfig.from_yaml(p)
+
+
+def test_resampled_copy_loads_the_same_pixels(tmp_path):
+    from wsiseg.train.datasets import load_monuseg, write_monuseg
+
+    names = ["TCGA-A7-A13E", "TCGA-B0-5698"]
+    a = load_monuseg(need(MONUSEG), 0.5, names)
+    write_monuseg(a, tmp_path / "half")
+    b = load_monuseg(tmp_path / "half", 0.5, names, source_mpp=0.5)
+    assert [s.name for s in b] == [s.name for s in a] and len(a) == 2
+    for x, y in zip(a, b):
+        assert x.image.shape == (500, 500, 3)
+        assert (x.image == y.image).all() and (x.mask == y.mask).all() and (x.instances == y.instances).all()
+
+
+def test_train_with_loader_workers_and_a_time_budget(tmp_path):
+    """Crops cut by 2 data-loader processes; the time budget (not the step count) ends the run,
+    which still validates and saves at its last step."""
+    from wsiseg.train.datasets import load_monuseg, write_monuseg
+
+    write_monuseg(load_monuseg(need(MONUSEG), 0.5), tmp_path / "half")
+    cfg = TrainConfig.from_yaml("configs/unet_bn_marker_monuseg_20x.yaml")
+    cfg = dataclasses.replace(cfg, data=str(tmp_path / "half"), data_mpp=0.5, init_from=None,
+                              arch_kwargs={"base": 4, "depth": 2, "out_channels": 2}, steps=10_000,
+                              val_every=10_000, batch_size=2, crop=64, workers=2, max_seconds=3.0,
+                              select="aji", out=str(tmp_path / "run"), id="t")
+    path = train(cfg, log=lambda *_: None)
+    hist = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert len(hist) == 1 and 0 < hist[0]["step"] < 10_000 and hist[0]["seconds"] >= 3.0
+    meta = load_model(path).meta
+    # selected on the validation AJI of the marker-watershed instances
+    assert meta["metrics"]["selected_on"] == "aji"
+    assert meta["metrics"]["validation"]["aji_mean_per_image"] == pytest.approx(hist[0]["val_aji_mean"])
+    assert set(meta["metrics"]["validation"]["aji_per_image"]) == set(meta["training"]["validation_images"])
+    assert 0 <= hist[0]["val_aji_mean"] <= 1
+    assert meta["classes"] == ["nucleus", "marker"]
+    assert meta["training"]["budget"]["steps"] == hist[0]["step"]
+    assert meta["training"]["config"]["workers"] == 2
+
+
+def test_train_cli_set_overrides(tmp_path, capsys):
+    from wsiseg.cli import main
+
+    rc = main(["train", "--config", "configs/unet_bn_monuseg_20x.yaml", "--set", "stepz=3"])
+    assert rc != 0 and "stepz" in capsys.readouterr().err
+    rc = main(["train", "--config", "configs/unet_bn_monuseg_20x.yaml", "--data", str(need(MONUSEG)),
+               "--out", str(tmp_path / "run"), "--set", "steps=2", "--set", "val_every=2",
+               "--set", "batch_size=2", "--set", "crop=64", "--set", "arch_kwargs={base: 4, depth: 2}"])
+    assert rc == 0
+    meta = json.loads((tmp_path / "run" / "unet-bn-monuseg-20x.json").read_text())
+    assert meta["training"]["config"]["steps"] == 2 and meta["arch_kwargs"]["base"] == 4
+
+
+@pytest.mark.gpu
+def test_train_on_cuda_with_bf16_autocast(tmp_path):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    cfg = TrainConfig.from_yaml("configs/unet_bn_marker_monuseg_20x.yaml")
+    cfg = dataclasses.replace(cfg, data=str(need(MONUSEG)), init_from=None, steps=4, val_every=2,
+                              batch_size=4, crop=128, device="cuda", amp=True, workers=2,
+                              out=str(tmp_path / "run"), id="t")
+    path = train(cfg, log=lambda *_: None)
+    meta = load_model(path).meta
+    assert meta["training"]["budget"]["machine"].startswith(torch.cuda.get_device_name(0))
+    assert meta["training"]["budget"]["precision"] == "bfloat16 autocast"

@@ -240,8 +240,11 @@ def identity_model(model):
             self.channels = channels
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            # a dense copy (in NumPy: one thread, whatever torch's count), repeated by expand
-            g = torch.from_numpy(np.ascontiguousarray(x[:, 1:2].numpy()))
+            # a dense copy (on CPU in NumPy: one thread, whatever torch's count), repeated by expand
+            if x.is_cuda:
+                g = x[:, 1:2].contiguous()
+            else:
+                g = torch.from_numpy(np.ascontiguousarray(x[:, 1:2].numpy()))
             return g.expand(-1, self.channels, -1, -1)
 
     meta = {**model.meta, "id": f"{model.id}+green-passthrough-bench", "architecture": "green_passthrough_bench"}

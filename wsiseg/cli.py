@@ -173,6 +173,22 @@ def _run_cluster(args: argparse.Namespace, files: list[Path], out_root: Path, cf
     return failed
 
 
+def _set_overrides(cls, items: list[str] | None) -> dict:
+    """``--set KEY=VALUE`` items as config overrides (values parsed as YAML)."""
+    import dataclasses
+
+    import yaml
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or key not in names:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(names))}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -184,6 +200,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         cfg = MultitaskConfig.from_yaml(args.config)
         overrides = {k: v for k, v in (("steps", args.steps), ("out", args.out), ("monuseg", args.data)) if v is not None}
+        try:
+            overrides.update(_set_overrides(MultitaskConfig, args.set))
+        except ValueError as e:
+            print(f"wsiseg: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
         cfg = dataclasses.replace(cfg, **overrides)
         for d in (cfg.monuseg, cfg.consep, cfg.monusac):
             if d and not Path(d).exists():
@@ -195,6 +216,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = TrainConfig.from_yaml(args.config)
     overrides = {k: v for k, v in (("steps", args.steps), ("out", args.out), ("data", args.data)) if v is not None}
+    try:
+        overrides.update(_set_overrides(TrainConfig, args.set))
+    except ValueError as e:
+        print(f"wsiseg: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     if overrides:
         cfg = dataclasses.replace(cfg, **overrides)
     if not Path(cfg.data).exists():
@@ -308,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=None)
     t.add_argument("--data", default=None)
     t.add_argument("--out", default=None)
+    t.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
+                   help="override a config key (YAML value), e.g. --set device=cuda --set workers=4 "
+                        "--set max_seconds=600; repeatable")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="pixel and instance metrics (Dice, Jaccard, AJI, PQ, mAP, F1@0.5/0.7) and tiles/s of models on the MoNuSeg validation split, through the engine")

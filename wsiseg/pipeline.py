@@ -205,10 +205,11 @@ def infer_bands(view: ScaledView, grid: TileGrid, keep: np.ndarray, predictor: P
         t["write"] += time.perf_counter() - tw
 
     t_loop = time.perf_counter()
+    batches = iter(stream)
     try:
         with blender:  # removes the blender's spill folder, whatever happens
             write_ready()  # blocks that no tile touches, before the first tile
-            for tiles, where in stream:
+            for tiles, where in batches:
                 ti = time.perf_counter()
                 # probabilities x window (as add() would weight each tile), into the reused buffer
                 probs = predictor(tiles, weight=blender.win, out=out[: len(where)])
@@ -222,6 +223,7 @@ def infer_bands(view: ScaledView, grid: TileGrid, keep: np.ndarray, predictor: P
                 write_ready()
             write_ready()
     finally:
+        batches.close()  # stops the reader threads now, also on an error (before the slide closes)
         tw = time.perf_counter()
         store.flush()  # the blocks and progress records queued in the writer thread
         t["write"] += time.perf_counter() - tw

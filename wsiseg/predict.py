@@ -62,6 +62,15 @@ def _one_thread(numel: int):
         torch.set_num_threads(n)
 
 
+def _out_array(out: np.ndarray | None, shape: tuple) -> np.ndarray:
+    """``out`` checked to be a C-contiguous float32 array of ``shape``, or a new one."""
+    if out is None:
+        return np.empty(shape, np.float32)
+    if out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be C-contiguous float32 {shape}, got {out.dtype} {out.shape}")
+    return out
+
+
 class Predictor:
     """Runs a :class:`LoadedModel` on tiles.
 
@@ -89,6 +98,14 @@ class Predictor:
         v = torch.arange(256, dtype=torch.float32).view(256, 1)
         lut = (v - self._mean.cpu().view(1, 3)) / self._std.cpu().view(1, 3)
         self._lut = np.ascontiguousarray(lut.numpy().reshape(1, 256, 3))
+
+    def _device_weight(self, weight: np.ndarray) -> torch.Tensor:
+        """The blending window on the device (copied once per window array)."""
+        cached = getattr(self, "_weight", None)
+        if cached is None or cached[0] is not weight:
+            cached = (weight, torch.as_tensor(np.asarray(weight, np.float32), device=self.device))
+            self._weight = cached
+        return cached[1]
 
     @property
     def channels(self) -> list[str]:
@@ -126,21 +143,25 @@ class Predictor:
         once = (logits.dim() == 4 and logits.shape[1] > 1 and logits.stride(1) == 0
                 and self.model.activation != "softmax")
         z = logits[:, :1].contiguous() if once else logits  # (the map may be a strided view)
-        with _one_thread(z.numel()) if cpu else nullcontext():
+        shape = (logits.shape[0], logits.shape[1]) + tuple(logits.shape[2:])
+        if not cpu:
+            # on the GPU: activation and window there, then one copy into ``out`` (NCHW)
+            probs = torch.softmax(z, dim=1) if self.model.activation == "softmax" else torch.sigmoid(z)
+            if weight is not None:
+                probs = probs * self._device_weight(weight)
+            out = _out_array(out, shape)
+            torch.from_numpy(out).copy_(probs.expand(shape).contiguous())
+            return out
+        with _one_thread(z.numel()):
             if self.model.activation == "softmax":
                 probs = torch.softmax(z, dim=1)
             else:
                 probs = torch.sigmoid(z)
-            if not cpu:
-                probs = probs.contiguous().cpu()
             p = probs.numpy()  # any strides (channels_last, or one channel for all)
-            shape = (logits.shape[0], logits.shape[1]) + tuple(logits.shape[2:])
             if out is None:
                 if weight is None and p.shape == shape and p.flags.c_contiguous:
-                    return p  # already NCHW (a fresh host copy on CUDA)
-                out = np.empty(shape, np.float32)
-            elif out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
-                raise ValueError(f"out must be C-contiguous float32 {shape}, got {out.dtype} {out.shape}")
+                    return p  # already NCHW
+            out = _out_array(out, shape)
             if weight is None:
                 np.copyto(out, p)  # NCHW, whatever the network's layout; broadcast over classes
             else:

@@ -68,4 +68,12 @@ class BlockPrefetcher:
                     raise item
                 yield item
         finally:
+            # stop the reader and wait for its reads in flight: the slide handle may be closed
+            # right after this (OpenSlide aborts on a handle closed under a running read)
             self.stop.set()
+            while self._thread.is_alive():
+                try:  # unblock a put of the reader's last item
+                    self.q.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+            self._thread.join()

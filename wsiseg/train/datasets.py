@@ -48,18 +48,21 @@ def resample(img: np.ndarray, scale: float, nearest: bool = False) -> np.ndarray
     return cv2.resize(img, size, interpolation=interp)
 
 
-def load_monuseg(root: str | Path, target_mpp: float, names: list[str] | None = None) -> list[Sample]:
+def load_monuseg(root: str | Path, target_mpp: float, names: list[str] | None = None,
+                 source_mpp: float = MONUSEG_MPP) -> list[Sample]:
     """Load MoNuSeg images (``images/``, ``masks/``, ``instances/``) at ``target_mpp``.
 
     ``names`` selects images by id prefix (e.g. ``TCGA-A7-A13E``); None loads all.
     The mask is re-derived from the resampled mask by a 0.5 threshold of its area average,
-    so a nucleus keeps its area when shrunk.
+    so a nucleus keeps its area when shrunk. ``source_mpp`` is the files' resolution (0.25 as
+    MoNuSeg is distributed; a copy written by :func:`write_monuseg` at the model's resolution
+    loads the same pixels without resampling).
     """
     root = Path(root)
     files = sorted((root / "images").glob("*.png"))
     if not files:
         raise FileNotFoundError(f"{root}: no images/*.png (expected the MoNuSeg layout)")
-    scale = MONUSEG_MPP / target_mpp
+    scale = source_mpp / target_mpp
     out = []
     for f in files:
         if names is not None and not any(f.stem.startswith(n) for n in names):
@@ -74,11 +77,31 @@ def load_monuseg(root: str | Path, target_mpp: float, names: list[str] | None = 
     return out
 
 
-def split_monuseg(root: str | Path, target_mpp: float) -> tuple[list[Sample], list[Sample]]:
+def split_monuseg(root: str | Path, target_mpp: float,
+                  source_mpp: float = MONUSEG_MPP) -> tuple[list[Sample], list[Sample]]:
     """(train, val) by image: validation is :data:`MONUSEG_VAL`, one image per organ."""
     all_ids = [i for ids in MONUSEG_ORGANS.values() for i in ids]
     train_ids = [i for i in all_ids if i not in MONUSEG_VAL]
-    return load_monuseg(root, target_mpp, train_ids), load_monuseg(root, target_mpp, MONUSEG_VAL)
+    return (load_monuseg(root, target_mpp, train_ids, source_mpp),
+            load_monuseg(root, target_mpp, MONUSEG_VAL, source_mpp))
+
+
+def write_monuseg(samples: list[Sample], root: str | Path) -> Path:
+    """Write samples in the MoNuSeg layout (``images/``, ``masks/``, ``instances/`` PNGs,
+    lossless): e.g. the data set resampled to the model's resolution, a quarter of the bytes to
+    copy to a training machine (load it with ``source_mpp`` = that resolution)."""
+    root = Path(root)
+    for sub in ("images", "masks", "instances"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for s in samples:
+        Image.fromarray(s.image).save(root / "images" / f"{s.name}.png")
+        Image.fromarray((s.mask > 0).astype(np.uint8) * 255).save(root / "masks" / f"{s.name}.png")
+        if s.instances is None:
+            raise ValueError(f"{s.name}: no instance map to write")
+        if int(s.instances.max()) > 65535:
+            raise ValueError(f"{s.name}: more than 65535 instances do not fit a uint16 PNG")
+        Image.fromarray(s.instances.astype(np.uint16)).save(root / "instances" / f"{s.name}.png")
+    return root
 
 
 def data_hash(samples: list[Sample]) -> str:

@@ -19,6 +19,7 @@ is not written to the sidecar: the trained weights replace it).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -65,6 +66,17 @@ class TrainConfig:
     clip_grad: float = 0.0  # clip the gradients' global L2 norm to this (0: off); e.g. for Mask
     # R-CNN from random weights, whose early RPN/box losses spike
     warmup_steps: int = 0  # linear learning-rate warm-up before the cosine schedule
+    # where and how fast (none of these change what is learned from a batch)
+    device: str = "cpu"  # cpu | cuda | auto (cuda when there is one)
+    workers: int = 0  # data-loader processes cutting and augmenting the crops (0: in the loop)
+    amp: bool = False  # bfloat16 autocast of the forward pass on CUDA (losses in float32)
+    max_seconds: float = 0.0  # a time budget: the cosine schedule runs to whichever of steps and
+    # max_seconds is reached first, then the loop validates, saves and stops (0: steps only)
+    select: str = "dice"  # keep the weights with the best validation "dice" (pooled pixel Dice) or
+    # "aji" (mean AJI per image of the instances that `wsiseg run --instances` would make at the
+    # model's resolution, default post-processing; with a marker channel, marker watershed)
+    data_mpp: float = 0.25  # um/px of the MoNuSeg files in ``data`` (0.25 as distributed; 0.5 for
+    # a copy already resampled to the model's resolution, which loads the same pixels faster)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
@@ -78,22 +90,42 @@ class TrainConfig:
         return cls(**raw)
 
 
-def _to_tensor(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> normalised float (N, 3, H, W) in channels_last memory."""
-    x = torch.from_numpy(images).float().div_(255)
-    x = (x - torch.from_numpy(mean)) / torch.from_numpy(std)
+def _to_tensor(images, mean: np.ndarray, std: np.ndarray, device=None) -> torch.Tensor:
+    """(N, H, W, 3) uint8 (array or tensor) -> normalised float (N, 3, H, W) in channels_last
+    memory, on ``device`` (the uint8 pixels are moved, then converted there)."""
+    x = torch.as_tensor(images)
+    if device is not None:
+        x = x.to(device, non_blocking=True)
+    x = x.float().div_(255)
+    x = (x - torch.as_tensor(mean, device=x.device)) / torch.as_tensor(std, device=x.device)
     return x.permute(0, 3, 1, 2)  # a view of NHWC memory: channels_last for free
 
 
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: torch sees no CUDA GPU (use device: cpu or auto)")
+    return torch.device(name)
+
+
+def _net_device(net) -> torch.device:
+    return next(net.parameters()).device
+
+
 @torch.no_grad()
-def predict_image(net, image: np.ndarray, mean, std, multiple: int = 16) -> np.ndarray:
-    """Whole-image probabilities (H, W) float32 for a 1-channel sigmoid model (reflect-padded)."""
+def predict_maps(net, image: np.ndarray, mean, std, multiple: int = 16) -> np.ndarray:
+    """Whole-image sigmoid probabilities (C, H, W) float32 (reflect-padded to ``multiple``)."""
     h, w = image.shape[:2]
     ph, pw = (-h) % multiple, (-w) % multiple
     img = np.pad(image, ((0, ph), (0, pw), (0, 0)), mode="reflect")
-    x = _to_tensor(img[None], mean, std)
-    p = torch.sigmoid(net(x))[0, 0, :h, :w]
-    return p.numpy()
+    x = _to_tensor(img[None], mean, std, _net_device(net))
+    return torch.sigmoid(net(x).float())[0, :, :h, :w].cpu().numpy()
+
+
+def predict_image(net, image: np.ndarray, mean, std, multiple: int = 16) -> np.ndarray:
+    """Whole-image probabilities (H, W) float32 of a sigmoid model's first channel."""
+    return predict_maps(net, image, mean, std, multiple)[0]
 
 
 def dice_score(pred: np.ndarray, target: np.ndarray) -> float:
@@ -102,21 +134,36 @@ def dice_score(pred: np.ndarray, target: np.ndarray) -> float:
     return 1.0 if denom == 0 else 2 * inter / denom
 
 
-def evaluate(net, samples: list[Sample], mean, std, threshold: float = 0.5, multiple: int = 16) -> dict:
-    """Pixel Dice over the validation images: pooled over all pixels and mean per image."""
+def evaluate(net, samples: list[Sample], mean, std, threshold: float = 0.5, multiple: int = 16,
+             instances_mpp: float | None = None) -> dict:
+    """Pixel Dice over the validation images: pooled over all pixels and mean per image. With
+    ``instances_mpp`` (the images' um/px), also the mean AJI per image of the instances made by
+    the engine's default post-processing (a second output channel is the shape marker)."""
     net.eval()
     inter = denom = 0.0
-    per = {}
+    per, ajis = {}, {}
     for s in samples:
-        pred = predict_image(net, s.image, mean, std, multiple) >= threshold
+        maps = predict_maps(net, s.image, mean, std, multiple)
+        pred = maps[0] >= threshold
         per[s.name] = dice_score(pred, s.mask > 0)
         inter += float(np.logical_and(pred, s.mask > 0).sum())
         denom += float(pred.sum() + (s.mask > 0).sum())
-    return {
+        if instances_mpp is not None and s.instances is not None:
+            from wsiseg.metrics import aji, overlap_table
+            from wsiseg.postprocess import instances_from_probability
+
+            lab = instances_from_probability(maps[0], instances_mpp,
+                                             marker_prob=maps[1] if len(maps) > 1 else None)
+            ajis[s.name] = aji(overlap_table(s.instances.astype(np.int64), lab.astype(np.int64)))
+    out = {
         "dice_pooled": 2 * inter / max(denom, 1.0),
         "dice_mean_per_image": float(np.mean(list(per.values()))),
         "dice_per_image": per,
     }
+    if ajis:
+        out["aji_mean_per_image"] = float(np.mean(list(ajis.values())))
+        out["aji_per_image"] = ajis
+    return out
 
 
 def train(cfg: TrainConfig, log=print) -> Path:
@@ -125,8 +172,11 @@ def train(cfg: TrainConfig, log=print) -> Path:
         raise ValueError(f"unknown target {cfg.target!r}; known: {', '.join(TARGETS)}")
     if cfg.loss not in LOSSES:
         raise ValueError(f"unknown loss {cfg.loss!r}; known: {', '.join(sorted(LOSSES))}")
+    if cfg.select not in ("dice", "aji") or (cfg.select == "aji" and cfg.target in ("class_points", "instances")):
+        raise ValueError(f"select: {cfg.select!r}: use dice, or aji for the mask targets (not {cfg.target!r})")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    device = _device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -135,7 +185,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
     if cfg.target == "class_points":
         train_s, val_s = _load_point_samples(cfg)
     else:
-        train_s, val_s = split_monuseg(cfg.data, cfg.mpp)
+        train_s, val_s = split_monuseg(cfg.data, cfg.mpp, source_mpp=cfg.data_mpp)
     if cfg.val_limit:
         val_s = val_s[: cfg.val_limit]
     pix = np.concatenate([s.image.reshape(-1, 3) for s in train_s]).astype(np.float64) / 255
@@ -148,7 +198,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
     net = build_model(cfg.architecture, **cfg.arch_kwargs)
     if cfg.init_from:
         mean, std = init_from_model(net, cfg.init_from, log)
-    net = net.to(memory_format=torch.channels_last)
+    net = net.to(device, memory_format=torch.channels_last)
     opt = _optimizer(cfg, net)
     loss_fn = LOSSES[cfg.loss]
     targets = None if cfg.target == "mask" else [_target_of(s, cfg) for s in train_s]
@@ -156,7 +206,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
     step, best, history, elapsed = 0, -1.0, [], 0.0
     ckpt = out / "last.pt"
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=True)
+        state = torch.load(ckpt, weights_only=True, map_location=device)
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step, best, elapsed = int(state["step"]), float(state["best"]), float(state["elapsed"])
@@ -196,55 +246,64 @@ def train(cfg: TrainConfig, log=print) -> Path:
             "resampled_from_mpp": 0.25,
         })
     t0 = time.perf_counter() - elapsed
-    while step < cfg.steps:
+    batches = _batches(cfg, train_s, targets, weights, rng, step)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and device.type == "cuda" else None
+    machine = (f"{torch.cuda.get_device_name(device)}, {cfg.workers} data workers" if device.type == "cuda"
+               else f"CPU, {torch.get_num_threads()} threads")
+    done = False
+    while not done:
         net.train()
-        lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+        # cosine schedule over the budget: steps, or max_seconds if that runs out first
+        frac = step / cfg.steps
+        if cfg.max_seconds:
+            frac = max(frac, (time.perf_counter() - t0) / cfg.max_seconds)
+        lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
         if step < cfg.warmup_steps:
             lr *= (step + 1) / cfg.warmup_steps
         for g in opt.param_groups:
             g["lr"] = lr
-        if targets is None:
-            imgs, masks = [], []
-            for i in rng.choice(len(train_s), size=cfg.batch_size, p=weights):
-                im, mk = random_crop(train_s[i].image, train_s[i].mask, cfg.crop, rng)
-                im, mk = augment(im, mk, rng)
-                imgs.append(im)
-                masks.append(mk)
-            x = _to_tensor(np.stack(imgs), mean, std)
-            y = torch.from_numpy(np.stack(masks)).float()[:, None]
-            loss = loss_fn(net(x), y)
-        else:
-            loss = _zoo_loss(cfg, net, loss_fn, train_s, targets, weights, mean, std, rng)
+        imgs, tgts = next(batches)
+        with amp if amp is not None else contextlib.nullcontext():
+            loss = _batch_loss(cfg, net, loss_fn, imgs, tgts, mean, std, device)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_grad)
         opt.step()
         step += 1
+        done = step >= cfg.steps or bool(cfg.max_seconds and time.perf_counter() - t0 >= cfg.max_seconds)
         if step % 10 == 0:
             log(f"step {step}/{cfg.steps} loss {loss.item():.4f} lr {lr:.2e} {time.perf_counter() - t0:.0f}s")
-        if step % cfg.val_every == 0 or step == cfg.steps:
+        if step % cfg.val_every == 0 or done:
             if cfg.target == "class_points":
                 m = evaluate_classes(net, val_s, mean, std, multiple)
             else:
-                m = evaluate(net, val_s, mean, std, multiple=multiple)
+                m = evaluate(net, val_s, mean, std, multiple=multiple,
+                             instances_mpp=cfg.mpp if cfg.select == "aji" else None)
             history.append({"step": step, "loss": float(loss.item()), "seconds": time.perf_counter() - t0,
                             "val_dice_pooled": m["dice_pooled"], "val_dice_mean": m["dice_mean_per_image"]})
-            log(f"  val Dice pooled {m['dice_pooled']:.4f} mean/image {m['dice_mean_per_image']:.4f}")
-            if m["dice_pooled"] > best:
-                best = m["dice_pooled"]
-                meta["metrics"] = {"validation": m, "step": step}
+            msg = f"  val Dice pooled {m['dice_pooled']:.4f} mean/image {m['dice_mean_per_image']:.4f}"
+            if "aji_mean_per_image" in m:
+                history[-1]["val_aji_mean"] = m["aji_mean_per_image"]
+                msg += f" AJI {m['aji_mean_per_image']:.4f}"
+            log(msg)
+            score = m["aji_mean_per_image"] if cfg.select == "aji" else m["dice_pooled"]
+            if score > best:
+                best = score
+                meta["metrics"] = {"validation": m, "step": step, "selected_on": cfg.select}
                 meta["training"]["budget"] = {
                     "steps": step, "batch_size": cfg.batch_size, "crop": cfg.crop,
                     "seconds": round(time.perf_counter() - t0, 1),
-                    "machine": f"CPU, {torch.get_num_threads()} threads",
+                    "machine": machine,
                 }
+                if amp is not None:
+                    meta["training"]["budget"]["precision"] = "bfloat16 autocast"
                 save_model(net, meta, out / cfg.id)
             torch.save({"model": net.state_dict(), "opt": opt.state_dict(), "step": step,
                         "best": best, "elapsed": time.perf_counter() - t0}, out / "last.tmp")
             (out / "last.tmp").replace(ckpt)
             (out / "history.json").write_text(json.dumps(history, indent=1))
-    log(f"done: best val Dice {best:.4f}; weights {out / cfg.id}.safetensors")
+    log(f"done: best val {'AJI' if cfg.select == 'aji' else 'Dice'} {best:.4f}; weights {out / cfg.id}.safetensors")
     return out / f"{cfg.id}.safetensors"
 
 
@@ -331,23 +390,66 @@ def _crop_stack(image: np.ndarray, target: np.ndarray, size: int, rng: np.random
     return image[y : y + size, x : x + size], target[y : y + size, x : x + size]
 
 
-def _zoo_loss(cfg: TrainConfig, net, loss_fn, samples, targets, weights, mean, std, rng) -> torch.Tensor:
-    """One batch of a non-default target through the network and its loss."""
+def _sample_batch(cfg: TrainConfig, samples, targets, weights, rng: np.random.Generator):
+    """One batch of augmented random crops: images (B, H, W, 3) uint8 and the targets, (B, H, W)
+    masks (``targets`` None: the default mask target), (B, H, W, C) target stacks, or for
+    Mask R-CNN a list of per-crop instance dicts."""
     imgs, tgts = [], []
     pad = "constant" if cfg.target == "instances" else "reflect"
     for i in rng.choice(len(samples), size=cfg.batch_size, p=weights):
-        im, t = _crop_stack(samples[i].image, targets[i], cfg.crop, rng, pad)
+        if targets is None:
+            im, t = random_crop(samples[i].image, samples[i].mask, cfg.crop, rng)
+        else:
+            im, t = _crop_stack(samples[i].image, targets[i], cfg.crop, rng, pad)
         im, t = augment(im, t, rng)
         imgs.append(im)
         tgts.append(t)
-    x = _to_tensor(np.stack(imgs), mean, std)
-    kw = dict(cfg.loss_kwargs)
     if cfg.target == "instances":
         from wsiseg.models.maskrcnn import instance_targets
 
-        return loss_fn(net(x, [instance_targets(t) for t in tgts]), **kw)
-    y = torch.from_numpy(np.stack(tgts).astype(np.float32)).permute(0, 3, 1, 2).contiguous()
-    logits = net(x)
+        return np.stack(imgs), [instance_targets(t) for t in tgts]
+    return np.stack(imgs), np.stack(tgts)
+
+
+class _BatchStream(torch.utils.data.IterableDataset):
+    """Endless :func:`_sample_batch` batches from a data-loader worker (its own random stream)."""
+
+    def __init__(self, cfg, samples, targets, weights, step: int):
+        super().__init__()
+        self.args = (cfg, samples, targets, weights)
+        self.step = step
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        rng = np.random.default_rng([self.args[0].seed, self.step, 1 + (info.id if info else 0)])
+        while True:
+            yield _sample_batch(*self.args, rng)
+
+
+def _batches(cfg: TrainConfig, samples, targets, weights, rng, step: int):
+    """The training batches: cut in the loop (``workers: 0``, the loop's own random stream), or by
+    ``cfg.workers`` data-loader processes while the network trains."""
+    if not cfg.workers:
+        while True:
+            yield _sample_batch(cfg, samples, targets, weights, rng)
+    loader = torch.utils.data.DataLoader(
+        _BatchStream(cfg, samples, targets, weights, step), batch_size=None, num_workers=cfg.workers,
+        pin_memory=_device(cfg.device).type == "cuda", prefetch_factor=4, persistent_workers=True)
+    yield from loader
+
+
+def _batch_loss(cfg: TrainConfig, net, loss_fn, imgs, tgts, mean, std, device) -> torch.Tensor:
+    """A batch through the network and its loss (the losses in float32)."""
+    x = _to_tensor(imgs, mean, std, device)
+    kw = dict(cfg.loss_kwargs)
+    if cfg.target == "instances":
+        tg = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in tgts]
+        return loss_fn({k: v.float() for k, v in net(x, tg).items()}, **kw)
+    y = torch.as_tensor(tgts).to(device, non_blocking=True).float()
+    y = y[:, None] if y.ndim == 3 else y.permute(0, 3, 1, 2).contiguous()
+    logits = net(x).float()
+    if cfg.target == "mask":
+        return loss_fn(logits, y)
     if cfg.target == "mask_weights":
         return loss_fn(logits, y[:, :1], y[:, 1:2], **kw)
     return loss_fn(logits, y, **kw)
@@ -415,7 +517,7 @@ def evaluate_classes(net, samples: list[PointSample], mean, std, multiple: int =
         h, w = s.image.shape[:2]
         ph, pw = (-h) % multiple, (-w) % multiple
         img = np.pad(s.image, ((0, ph), (0, pw), (0, 0)), mode="reflect")
-        p = torch.sigmoid(net(_to_tensor(img[None], mean, std)))[0, :, :h, :w].numpy() >= threshold
+        p = torch.sigmoid(net(_to_tensor(img[None], mean, std, _net_device(net))).float())[0, :, :h, :w].cpu().numpy() >= threshold
         t = s.target.transpose(2, 0, 1) > 0
         i = np.logical_and(p, t).sum(axis=(1, 2))
         d = p.sum(axis=(1, 2)) + t.sum(axis=(1, 2))
