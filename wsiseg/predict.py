@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import cv2
 import numpy as np
@@ -98,14 +98,13 @@ class Predictor:
         v = torch.arange(256, dtype=torch.float32).view(256, 1)
         lut = (v - self._mean.cpu().view(1, 3)) / self._std.cpu().view(1, 3)
         self._lut = np.ascontiguousarray(lut.numpy().reshape(1, 256, 3))
+        self._weight = None  # (window array, its copy on the device), see _device_weight
 
     def _device_weight(self, weight: np.ndarray) -> torch.Tensor:
         """The blending window on the device (copied once per window array)."""
-        cached = getattr(self, "_weight", None)
-        if cached is None or cached[0] is not weight:
-            cached = (weight, torch.as_tensor(np.asarray(weight, np.float32), device=self.device))
-            self._weight = cached
-        return cached[1]
+        if self._weight is None or self._weight[0] is not weight:
+            self._weight = (weight, torch.as_tensor(np.asarray(weight, np.float32), device=self.device))
+        return self._weight[1]
 
     @property
     def channels(self) -> list[str]:

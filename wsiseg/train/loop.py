@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from wsiseg.models.registry import build_model, save_model
+from wsiseg.predict import resolve_device
 from wsiseg.train.augment import augment, random_crop
 from wsiseg.train.datasets import Sample, data_hash, split_monuseg
 from wsiseg.train.losses import LOSSES
@@ -101,14 +102,6 @@ def _to_tensor(images, mean: np.ndarray, std: np.ndarray, device=None) -> torch.
     return x.permute(0, 3, 1, 2)  # a view of NHWC memory: channels_last for free
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r}: torch sees no CUDA GPU (use device: cpu or auto)")
-    return torch.device(name)
-
-
 def _net_device(net) -> torch.device:
     return next(net.parameters()).device
 
@@ -176,7 +169,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
         raise ValueError(f"select: {cfg.select!r}: use dice, or aji for the mask targets (not {cfg.target!r})")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -246,7 +239,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
             "resampled_from_mpp": 0.25,
         })
     t0 = time.perf_counter() - elapsed
-    batches = _batches(cfg, train_s, targets, weights, rng, step)
+    batches = _batches(cfg, train_s, targets, weights, rng, step, pin=device.type == "cuda")
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and device.type == "cuda" else None
     machine = (f"{torch.cuda.get_device_name(device)}, {cfg.workers} data workers" if device.type == "cuda"
                else f"CPU, {torch.get_num_threads()} threads")
@@ -426,7 +419,7 @@ class _BatchStream(torch.utils.data.IterableDataset):
             yield _sample_batch(*self.args, rng)
 
 
-def _batches(cfg: TrainConfig, samples, targets, weights, rng, step: int):
+def _batches(cfg: TrainConfig, samples, targets, weights, rng, step: int, pin: bool = False):
     """The training batches: cut in the loop (``workers: 0``, the loop's own random stream), or by
     ``cfg.workers`` data-loader processes while the network trains."""
     if not cfg.workers:
@@ -434,7 +427,7 @@ def _batches(cfg: TrainConfig, samples, targets, weights, rng, step: int):
             yield _sample_batch(cfg, samples, targets, weights, rng)
     loader = torch.utils.data.DataLoader(
         _BatchStream(cfg, samples, targets, weights, step), batch_size=None, num_workers=cfg.workers,
-        pin_memory=_device(cfg.device).type == "cuda", prefetch_factor=4, persistent_workers=True)
+        pin_memory=pin, prefetch_factor=4, persistent_workers=True)
     yield from loader
 
 
@@ -514,10 +507,7 @@ def evaluate_classes(net, samples: list[PointSample], mean, std, multiple: int =
     inter, denom = np.zeros(c), np.zeros(c)
     per = []
     for s in samples:
-        h, w = s.image.shape[:2]
-        ph, pw = (-h) % multiple, (-w) % multiple
-        img = np.pad(s.image, ((0, ph), (0, pw), (0, 0)), mode="reflect")
-        p = torch.sigmoid(net(_to_tensor(img[None], mean, std, _net_device(net))).float())[0, :, :h, :w].cpu().numpy() >= threshold
+        p = predict_maps(net, s.image, mean, std, multiple) >= threshold
         t = s.target.transpose(2, 0, 1) > 0
         i = np.logical_and(p, t).sum(axis=(1, 2))
         d = p.sum(axis=(1, 2)) + t.sum(axis=(1, 2))
