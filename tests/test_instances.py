@@ -278,6 +278,13 @@ def test_predicted_markers_split_nuclei_and_windows_match_the_whole_map(tmp_path
     assert same_partition(ref, lab)
     g = zarr.open_group(str(out / "probabilities.zarr/labels/nuclei"), mode="r")
     assert g.attrs["wsiseg"]["marker_channel"] == "marker"
+    # flooding minus the marker probability (relief "marker") is as exact across seams
+    cfg = PostprocessConfig(relief="marker")
+    ref_m = instances_from_probability(m, 0.5, cfg, marker_prob=k)
+    assert not same_partition(ref_m, ref)  # another split
+    res = write_instances(out, cfg, window=64, margin=8)
+    assert res["instances"] == int(ref_m.max()) and res["clipped"] == 0
+    assert same_partition(ref_m, level0(out, "probabilities.zarr/labels/nuclei")[0])
     # the distance watershed is still there when asked for
     write_instances(out, window=64, margin=8, marker_channel=None)
     assert same_partition(dist, level0(out, "probabilities.zarr/labels/nuclei")[0])
@@ -301,7 +308,10 @@ def test_shipped_marker_model_runs_instances_with_its_tuned_postprocessing(tmp_p
     thr, mthr = tuned["threshold"], tuned["marker_threshold"]
     assert (thr, mthr) != (0.5, 0.5)  # the sidecar's tuned values, not the defaults
     assert la["postprocess"]["threshold"] == thr and la["postprocess"]["marker_threshold"] == mthr
+    assert la["postprocess"]["relief"] == tuned["relief"] == "marker"
     m = g["0"][:]
-    ref = instances_from_probability(m[0], 0.5, PostprocessConfig(threshold=thr, marker_threshold=mthr), marker_prob=m[1])
+    known = PostprocessConfig.__dataclass_fields__
+    ref = instances_from_probability(m[0], 0.5, PostprocessConfig(**{k: v for k, v in tuned.items() if k in known}),
+                                     marker_prob=m[1])
     lab = level0(out, "probabilities.zarr/labels/nuclei")[0]
     assert int(ref.max()) > 50 and same_partition(ref, lab)

@@ -2,6 +2,8 @@
 MoNuSeg instance maps, and post-processing on the real MoNuSeg ground truth."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -301,3 +303,31 @@ def test_eval_through_the_engine_gives_seed_tables_and_a_tuned_threshold(tmp_pat
     assert tuned["instances_mean_per_image"]["aji"] >= inst["aji"] - 1e-9
     assert tuned["aji_grid"]["threshold=0.5"] == pytest.approx(inst["aji"])
     assert not res["marker_channel"]
+
+
+def test_marker_relief_splits_along_the_marker_valley():
+    """Two nuclei side by side in a mask with no neck (a rectangle), with predicted markers of
+    unequal size: flooding the distance transform splits near the middle, flooding minus the
+    marker probability splits where that probability is lowest between the two markers."""
+    from wsiseg.postprocess import PostprocessConfig, instances_from_probability
+
+    h, w = 24, 80
+    prob = np.zeros((h, w), np.float32)
+    prob[2:22, 5:75] = 0.95
+    x = np.arange(w, dtype=np.float32)
+    bump = np.maximum(np.exp(-0.5 * ((x - 22) / 8) ** 2), np.exp(-0.5 * ((x - 62) / 3) ** 2))
+    marker = np.broadcast_to(bump, (h, w)).copy() * (prob > 0)
+    valley = 22 + int(np.argmin(bump[22:62]))  # where the two bumps meet
+    assert abs(valley - 40) > 5  # away from the rectangle's middle
+    cfg = PostprocessConfig(threshold=0.5, marker_threshold=0.6, min_area_um2=0.5, max_hole_um2=0.0,
+                            min_marker_um2=0.5)
+    splits = {}
+    for relief in ("distance", "marker"):
+        lab = instances_from_probability(prob, 0.5, dataclasses.replace(cfg, relief=relief), marker_prob=marker)
+        assert lab.max() == 2
+        row = lab[12]
+        splits[relief] = int(np.flatnonzero(row[1:] != row[:-1])[1]) + 1  # first column of the right nucleus
+    assert abs(splits["marker"] - valley) <= 1
+    assert abs(splits["distance"] - valley) > 5
+    with pytest.raises(ValueError, match="relief"):
+        instances_from_probability(prob, 0.5, dataclasses.replace(cfg, relief="gradient"), marker_prob=marker)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from wsiseg.models.registry import build_model
-from wsiseg.predict import fold_batchnorm
+from wsiseg.predict import Predictor, fold_batchnorm
 
 
 def test_batchnorm_folding_keeps_outputs(monuseg_image):
@@ -112,3 +112,91 @@ def test_an_error_in_the_tile_loop_stops_the_readers_before_the_slide_closes(tmp
                   RunConfig(batch_size=4, workers=2, cellularity=False))
     assert calls["n"] == 3
     assert not [t for t in threading.enumerate() if t.name == "wsiseg-reader" and t.is_alive()]
+
+
+def test_blending_in_a_thread_gives_the_same_bytes_and_surfaces_its_errors(tmp_path, monuseg_image, tiny_unet_path):
+    """Blending batch n in the blend thread while batch n + 1 is inferred writes the same bytes as
+    blending in the loop; an error raised in the blend thread reaches the caller, and neither
+    blend nor reader threads are left running."""
+    import threading
+
+    import zarr
+
+    from tests.conftest import write_png
+    from wsiseg.blend import ChunkBlender
+    from wsiseg.models.registry import load_model
+    from wsiseg.pipeline import RunConfig, run_slide
+
+    img = write_png(tmp_path / "img.png", monuseg_image[:700, :900])
+    pred = Predictor(load_model(tiny_unet_path), "cpu", threads=1)
+    maps = {}
+    for threaded in (True, False):
+        cfg = RunConfig(mpp=0.5, chunk=128, tissue=False, batch_size=3, cellularity=False, blend_thread=threaded)
+        res = run_slide(img, tmp_path / f"out-{threaded}", pred, cfg)
+        assert res.status == "ok"
+        g = zarr.open_group(str(res.out_dir / "probabilities.zarr"), mode="r")
+        maps[threaded] = [g[k][:] for k in sorted(g.array_keys())]
+    assert len(maps[True]) > 1 and maps[True][0].any()
+    for a, b in zip(maps[True], maps[False]):
+        np.testing.assert_array_equal(a, b)
+
+    calls = {"n": 0}
+    add = ChunkBlender.add
+
+    def failing_add(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise RuntimeError("tile 7 failed to blend")
+        return add(self, *a, **k)
+
+    ChunkBlender.add = failing_add
+    try:
+        with pytest.raises(RuntimeError, match="tile 7 failed"):
+            run_slide(img, tmp_path / "fail", pred, RunConfig(mpp=0.5, chunk=128, tissue=False, batch_size=3,
+                                                              cellularity=False, blend_thread=True))
+    finally:
+        ChunkBlender.add = add
+    alive = [t.name for t in threading.enumerate() if t.is_alive()]
+    assert not [n for n in alive if n.startswith(("wsiseg-blend", "wsiseg-reader"))], alive
+
+
+def _rot(a: np.ndarray, k: int, flip: bool) -> np.ndarray:
+    """Rotate (and first mirror) the spatial axes of (N, H, W, 3) tiles or (N, C, H, W) maps."""
+    ax = (1, 2) if a.shape[-1] == 3 else (2, 3)
+    a = np.flip(a, ax[1]) if flip else a
+    return np.ascontiguousarray(np.rot90(a, k, ax))
+
+
+def test_test_time_augmentation_makes_the_maps_follow_rotations_and_flips(monuseg_image):
+    """A convolution with asymmetric kernels does not turn with its input; averaged over the 8
+    symmetries of the square (``d4``) its probabilities do, for every rotation and flip; over the
+    4 flips (``flips``) they follow the flips, not 90-degree turns. With an equivariant network
+    (a 1x1 convolution) TTA changes nothing."""
+    from tests.conftest import conv_net, test_model
+
+    from wsiseg.predict import Predictor
+
+    tiles = np.stack([monuseg_image[:64, :64], monuseg_image[300:364, 700:764]])
+    plain = Predictor(test_model(conv_net(3)), "cpu", threads=1)
+    d4 = Predictor(test_model(conv_net(3)), "cpu", threads=1, tta="d4")
+    flips = Predictor(test_model(conv_net(3)), "cpu", threads=1, tta="flips")
+    p_plain, p_d4, p_flips = plain(tiles), d4(tiles), flips(tiles)
+    assert p_d4.shape == p_plain.shape == (2, 1, 64, 64)
+    assert np.abs(_rot(p_plain, 1, False) - plain(_rot(tiles, 1, False))).max() > 0.05  # not equivariant alone
+    for k in range(4):
+        for flip in (False, True):
+            np.testing.assert_allclose(d4(_rot(tiles, k, flip)), _rot(p_d4, k, flip), atol=2e-6)
+    for k, flip in ((0, True), (2, False), (2, True)):
+        np.testing.assert_allclose(flips(_rot(tiles, k, flip)), _rot(p_flips, k, flip), atol=2e-6)
+    assert np.abs(flips(_rot(tiles, 1, False)) - _rot(p_flips, 1, False)).max() > 0.01
+    # the mean of the passes stays a probability map close to the plain one, not a different map
+    assert 0 < np.abs(p_d4 - p_plain).mean() < 0.1
+
+    pointwise = torch.nn.Conv2d(3, 1, 1)
+    with torch.no_grad():
+        pointwise.weight.copy_(torch.tensor([[[[0.8]], [[-1.2]], [[0.5]]]]))
+        pointwise.bias.fill_(0.1)
+    np.testing.assert_allclose(Predictor(test_model(pointwise), "cpu", threads=1, tta="d4")(tiles),
+                               Predictor(test_model(pointwise), "cpu", threads=1)(tiles), atol=2e-6)
+    with pytest.raises(ValueError, match="test-time augmentation"):
+        Predictor(test_model(pointwise), "cpu", tta="rotate")

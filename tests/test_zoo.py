@@ -237,6 +237,24 @@ def test_ensemble_of_trained_models_maps_each_normalisation(crops, tmp_path, mon
         assert torch.allclose(torch.sigmoid(ens(x0)), torch.stack(probs).mean(0), atol=1e-5)
     assert ens.export_kwargs()["members"][1] == {"architecture": "unet_bn", "arch_kwargs": {"base": 4, "depth": 2}}
 
+    # `wsiseg ensemble` saves it as one model that loads back (safetensors + sidecar) to the same maps
+    from wsiseg.cli import main
+    from wsiseg.models.registry import load_model
+
+    assert main(["ensemble", str(paths[0]), str(paths[1]), "-o", str(tmp_path / "ens")]) == 0
+    loaded = load_model(tmp_path / "ens.safetensors")
+    assert loaded.meta["architecture"] == "unet_ensemble" and loaded.classes == ["nucleus"]
+    assert [m["id"] for m in loaded.meta["training"]["ensemble_of"]] == ["m0", "m1"]
+    assert loaded.mean == pytest.approx(MEAN.tolist())
+    with torch.no_grad():
+        assert torch.allclose(torch.sigmoid(loaded.network(x0)), torch.stack(probs).mean(0), atol=1e-5)
+    # members that disagree on classes are refused with a clear error
+    save_model(nets[0], {"id": "other", "architecture": "unet_bn", "arch_kwargs": {"base": 4, "depth": 2},
+                         "classes": ["tumour"], "mpp": 0.5, "input_multiple": 4,
+                         "normalization": {"mean": MEAN.tolist(), "std": STD.tolist()}}, tmp_path / "other")
+    assert main(["ensemble", str(paths[0]), str(tmp_path / "other"), "-o", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad.safetensors").exists()
+
 
 def test_gb_unet_second_stage_sees_first_stage_features_and_image(crops):
     x, m = crops(2, 64)

@@ -40,7 +40,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from wsiseg.models.registry import ModelError, load_model
-    from wsiseg.pipeline import RunConfig, run_slide
+    from wsiseg.pipeline import BLEND_THREAD, RunConfig, run_slide
     from wsiseg.predict import Predictor
 
     inputs = list(args.inputs)
@@ -54,13 +54,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"wsiseg: error: {e}", file=sys.stderr)
     try:
         model = load_model(args.model)
-        predictor = Predictor(model, args.device, threads=args.threads)
+        predictor = Predictor(model, args.device, threads=args.threads, tta=args.tta)
         cfg = RunConfig(tile=args.tile, overlap=args.overlap, batch_size=args.batch_size, workers=args.workers,
                         mpp=args.mpp, overwrite=args.overwrite, window=args.window, tissue=not args.no_tissue_mask,
                         cellularity=not args.no_cellularity, cell_window=args.cell_window,
                         cell_stride=args.cell_stride, cell_min_tissue=args.cell_min_tissue,
                         lgbm=None if args.lgbm == "none" else args.lgbm,
-                        cnn=None if args.cnn == "none" else args.cnn, instances=args.instances)
+                        cnn=None if args.cnn == "none" else args.cnn, instances=args.instances,
+                        blend_thread=BLEND_THREAD[args.blend_thread])
     except (ModelError, ValueError) as e:
         print(f"wsiseg: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -155,7 +156,7 @@ def _run_cluster(args: argparse.Namespace, files: list[Path], out_root: Path, cf
     with client:
         if args.split:
             for f, o in jobs:
-                runner = split_band_runner(client, f, o, model, args.device, cfg, args.split, args.threads)
+                runner = split_band_runner(client, f, o, model, args.device, cfg, args.split, args.threads, args.tta)
                 try:
                     res = run_slide(f, o, predictor, cfg, band_runner=runner)
                 except SlideError as e:
@@ -164,7 +165,7 @@ def _run_cluster(args: argparse.Namespace, files: list[Path], out_root: Path, cf
                     continue
                 _report(f, res.status, res.message, res.summary, res.out_dir)
             return failed
-        for r in run_distributed(client, jobs, model, args.device, cfg, args.threads):
+        for r in run_distributed(client, jobs, model, args.device, cfg, args.threads, args.tta):
             if r["status"] == "error":
                 print(f"wsiseg: error: {r['message']}", file=sys.stderr)
                 failed += 1
@@ -261,7 +262,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(f"wsiseg: error: {e}", file=sys.stderr)
             return EXIT_USAGE
         print(f"evaluating {model.id} on {args.data} (validation split) ...", file=sys.stderr)
-        res = evaluate_monuseg(Predictor(model, args.device), args.data, names=args.image or MONUSEG_VAL,
+        res = evaluate_monuseg(Predictor(model, args.device, tta=args.tta), args.data, names=args.image or MONUSEG_VAL,
                                post=postprocess_config(model.meta), tune=args.tune)
         results.append(res)
         print(f"{'image':32s} {'Dice@model':>10s} {'Dice@native':>11s} {'AJI':>7s}")
@@ -271,12 +272,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if res.get("tuned"):
             t = res["tuned"]["postprocess"]
             print(f"tuned on these images: threshold {t['threshold']}"
-                  + (f", marker threshold {t['marker_threshold']}" if res["marker_channel"] else ""))
+                  + (f", marker threshold {t['marker_threshold']}, relief {t['relief']}" if res["marker_channel"] else ""))
     print()
     print(results_tables(results))
     if args.json:
         out = results[0] if len(results) == 1 else {"models": results}
         Path(args.json).write_text(json.dumps(out, indent=2, default=float))
+    return EXIT_OK
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from wsiseg.models.registry import ModelError, ensemble_model
+
+    try:
+        print(ensemble_model(args.members, args.out, model_id=args.id))
+    except ModelError as e:
+        print(f"wsiseg: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     return EXIT_OK
 
 
@@ -311,6 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto", help="auto, cpu or cuda")
     r.add_argument("--workers", type=int, default=2, help="reader threads")
     r.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    r.add_argument("--tta", default="none", choices=["none", "flips", "d4"],
+                   help="test-time augmentation: mean probability over 4 flips or the 8 rotations/flips of each tile (4x or 8x the model's time)")
+    r.add_argument("--blend-thread", default="auto", choices=["auto", "on", "off"],
+                   help="blend each batch in a thread while the next is inferred (auto: on with CUDA, off on CPU)")
     r.add_argument("--window", default="hann", choices=["hann", "gaussian", "flat"], help="blending window")
     r.add_argument("--no-tissue-mask", action="store_true", help="infer every tile, background too")
     r.add_argument("--overwrite", action="store_true", help="discard existing output and start again")
@@ -348,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tune", action="store_true",
                    help="also search the thresholds that maximise AJI on these images (optimistic; reported apart)")
     e.add_argument("--device", default="auto")
+    e.add_argument("--tta", default="none", choices=["none", "flips", "d4"],
+                   help="test-time augmentation (as wsiseg run --tta)")
     e.add_argument("--json", default=None, help="write the metrics here")
     e.set_defaults(func=cmd_eval)
 
@@ -360,6 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     from wsiseg import cellularity_cli
 
     cellularity_cli.add_parser(sub)
+
+    en = sub.add_parser("ensemble", help="combine trained models into one U-Net ensemble model (mean of their probabilities, seed 001)")
+    en.add_argument("members", nargs="+", help="trained models: shipped names or NAME.safetensors paths")
+    en.add_argument("-o", "--out", required=True, help="destination NAME(.safetensors); its NAME.json sidecar is written beside it")
+    en.add_argument("--id", default=None, help="model id in the sidecar (default: the file name)")
+    en.set_defaults(func=cmd_ensemble)
 
     x = sub.add_parser("export", help="copy trained weights for shipping (float16 storage)")
     x.add_argument("src", help="NAME.safetensors with its NAME.json")

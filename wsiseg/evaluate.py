@@ -156,20 +156,22 @@ def own_instances(predictor: Predictor, image: np.ndarray, scale: float) -> np.n
 
 
 def tune_postprocess(maps, post: PostprocessConfig, thresholds=tuple(np.round(np.arange(0.3, 0.91, 0.05), 2)),
-                     marker_thresholds=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)) -> dict:
-    """Grid search of the probability threshold (and marker threshold) for the mean AJI over
-    ``maps`` [(probability, marker or None, ground-truth instances)] at native resolution."""
+                     marker_thresholds=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9), reliefs=("distance", "marker")) -> dict:
+    """Grid search of the probability threshold (and, with a marker map, the marker threshold and
+    the watershed relief) for the mean AJI over ``maps`` [(probability, marker or None,
+    ground-truth instances)] at native resolution."""
     probs = [m[0] for m in maps]
     gts = [m[2] for m in maps]
     has_marker = maps[0][1] is not None
     best = (-1.0, None)
     grid = {}
-    for mt in (marker_thresholds if has_marker else (post.marker_threshold,)):
-        cfg = dataclasses.replace(post, marker_threshold=float(mt))
+    combos = [(mt, r) for r in reliefs for mt in marker_thresholds] if has_marker else [(post.marker_threshold, post.relief)]
+    for mt, relief in combos:
+        cfg = dataclasses.replace(post, marker_threshold=float(mt), relief=relief)
         thr, scores = search_threshold(probs, gts, "aji", MONUSEG_MPP, thresholds, cfg,
                                        markers_list=[m[1] for m in maps] if has_marker else None)
         for t, v in scores.items():
-            grid[f"threshold={t},marker_threshold={mt}" if has_marker else f"threshold={t}"] = v
+            grid[f"threshold={t},marker_threshold={mt},relief={relief}" if has_marker else f"threshold={t}"] = v
         if scores[thr] > best[0]:
             best = (scores[thr], dataclasses.replace(cfg, threshold=float(thr)))
     cfg = best[1]

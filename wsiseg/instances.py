@@ -64,7 +64,9 @@ further than its threshold:
   a cluster is split alike in every window and in the whole map.
 * predicted shape markers (a mask + marker model: ``marker_channel``) are the connected
   components of the thresholded marker map inside the cleaned mask, specks of at most
-  ``min_marker_um2`` removed: local within that many px, which the guard includes.
+  ``min_marker_um2`` removed: local within that many px, which the guard includes; with
+  ``relief="marker"`` the flooded landscape is minus the marker probability, pixel by pixel,
+  which no window side can change.
 
 Hence ``guard = a + h + 2 r + 4`` px (``a`` the larger of the two speck sizes) (one of them slack): 60 px at 0.5 um/px with the default
 config (``a`` = 12, ``h`` = 40, ``r`` = 2).

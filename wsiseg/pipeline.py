@@ -12,6 +12,7 @@ import logging
 import resource
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -46,6 +47,9 @@ class RunConfig:
     window: str = "hann"
     chunk: int = 512
     block_tiles: int = 8
+    # blend and release blocks in a thread while the next batch is inferred: True, False, or None
+    # (auto: on with a GPU, off on a CPU, where the network already uses every core)
+    blend_thread: bool | None = None
     thumbnail_size: int = 2048
     tissue: bool = True  # False: every tile is inferred
     overwrite: bool = False
@@ -58,6 +62,9 @@ class RunConfig:
     cnn: str | None = "cellularity-cnn-proxy"
     # nucleus instances (label image + GeoJSON) from the finished map; see wsiseg.instances
     instances: bool = False
+
+
+BLEND_THREAD = {"auto": None, "on": True, "off": False}  # --blend-thread -> RunConfig.blend_thread
 
 
 @dataclass
@@ -85,7 +92,9 @@ def peak_rss_mb() -> float:
 
 
 def _params(cfg: RunConfig, predictor: Predictor, view: ScaledView, path: Path) -> dict:
-    return {
+    tta = getattr(predictor, "tta", "none")
+    extra = {} if tta == "none" else {"tta": tta}  # (absent without TTA: older outputs still resume)
+    return extra | {
         "input": path.name,
         "input_bytes": path.stat().st_size,
         "model": predictor.model.id,
@@ -170,10 +179,12 @@ def infer_bands(view: ScaledView, grid: TileGrid, keep: np.ndarray, predictor: P
     columns are written as soon as no later tile touches them, so memory does not follow the
     slide's size (the strip that a band's tiles reach into the next waits on disk beyond 16 MB,
     see :class:`~wsiseg.blend.ChunkBlender`); the map is bit-identical to a row-major pass.
-    The predictor returns each batch already multiplied by the blending window, into one reused
-    buffer; the store encodes and writes blocks in a background thread, and ``progress_file``
-    (default the store's ``progress.json``) records the bands written, after each band's last
-    block; everything is on disk when this returns (or raises).
+    The predictor returns each batch already multiplied by the blending window, into a reused
+    buffer; with ``cfg.blend_thread`` (auto: on CUDA) one thread blends and releases batch n while
+    batch n + 1 is inferred into a second buffer (the same bytes either way); the store encodes
+    and writes blocks in a background thread, and ``progress_file`` (default the store's
+    ``progress.json``) records the bands written, after each band's last block; everything is on
+    disk when this returns (or raises).
     Returns seconds per stage and the number of tiles inferred (``tiles``).
     """
     from wsiseg.tiling import TileStream
@@ -192,8 +203,13 @@ def infer_bands(view: ScaledView, grid: TileGrid, keep: np.ndarray, predictor: P
     n_todo = stream.tiles
     if progress_total:
         progress_total(n_todo)
-    t = dict.fromkeys(("infer", "blend", "write", "read_wait"), 0.0)
-    out = np.empty((cfg.batch_size, len(predictor.channels), cfg.tile, cfg.tile), np.float32)
+    t = dict.fromkeys(("infer", "blend", "write", "read_wait", "blend_wait"), 0.0)
+    # two output buffers: the predictor fills one while the other's tiles are being blended
+    threaded = cfg.blend_thread
+    if threaded is None:
+        threaded = getattr(getattr(predictor, "device", None), "type", "cpu") != "cpu"
+    outs = [np.empty((cfg.batch_size, len(predictor.channels), cfg.tile, cfg.tile), np.float32)
+            for _ in range(2 if threaded else 1)]
 
     def write_ready() -> None:
         tw = time.perf_counter()
@@ -204,25 +220,56 @@ def infer_bands(view: ScaledView, grid: TileGrid, keep: np.ndarray, predictor: P
             trim_heap(every=0.5)
         t["write"] += time.perf_counter() - tw
 
+    def blend(probs: np.ndarray, where: list) -> int:
+        tb = time.perf_counter()
+        for p, (y, x) in zip(probs, where):
+            blender.add(p, y, x, weighted=True)
+        t["blend"] += time.perf_counter() - tb
+        write_ready()
+        return len(where)
+
+    # The blender and the store are used by one thread at a time: the blend thread runs one
+    # batch's job at most, and the main thread waits for it before touching either again.
+    pool = ThreadPoolExecutor(1, thread_name_prefix="wsiseg-blend") if threaded else None
+    pending: Future | None = None
+
+    def finish_pending() -> None:
+        nonlocal pending
+        if pending is not None:
+            tw = time.perf_counter()
+            job, pending = pending, None
+            n = job.result()  # raises what the blend thread raised
+            t["blend_wait"] += time.perf_counter() - tw
+            if progress:
+                progress(n)
+
     t_loop = time.perf_counter()
     batches = iter(stream)
     try:
         with blender:  # removes the blender's spill folder, whatever happens
             write_ready()  # blocks that no tile touches, before the first tile
-            for tiles, where in batches:
+            for i, (tiles, where) in enumerate(batches):
                 ti = time.perf_counter()
-                # probabilities x window (as add() would weight each tile), into the reused buffer
-                probs = predictor(tiles, weight=blender.win, out=out[: len(where)])
-                tb = time.perf_counter()
-                t["infer"] += tb - ti
-                for p, (y, x) in zip(probs, where):
-                    blender.add(p, y, x, weighted=True)
-                t["blend"] += time.perf_counter() - tb
-                if progress:
-                    progress(len(where))
-                write_ready()
+                # probabilities x window (as add() would weight each tile), into a reused buffer
+                probs = predictor(tiles, weight=blender.win, out=outs[i % len(outs)][: len(where)])
+                t["infer"] += time.perf_counter() - ti
+                if pool is None:
+                    n = blend(probs, where)
+                    if progress:
+                        progress(n)
+                    continue
+                finish_pending()  # the previous batch (its buffer is the one filled next)
+                pending = pool.submit(blend, probs, where)
+            finish_pending()
             write_ready()
     finally:
+        if pending is not None:  # an error or interrupt in the main thread: let the job end first
+            try:
+                pending.result()
+            except BaseException:  # the main thread's error is the one raised
+                pass
+        if pool is not None:
+            pool.shutdown(wait=True)
         batches.close()  # stops the reader threads now, also on an error (before the slide closes)
         tw = time.perf_counter()
         store.flush()  # the blocks and progress records queued in the writer thread
@@ -345,6 +392,7 @@ def run_slide(path: str | Path, out_dir: str | Path, predictor: Predictor, cfg: 
             "device": str(predictor.device),
             "torch_threads": __import__("torch").get_num_threads(),
             "model": predictor.model.id,
+            "tta": getattr(predictor, "tta", "none"),
             "mpp": view.mpp,
             "slide_mpp": reader.mpp,
             "shape": list(view.shape),

@@ -90,6 +90,10 @@ class PostprocessConfig:
         marker_threshold: threshold of a predicted marker map (USE-Net shape markers).
         min_marker_um2: predicted markers of at most this area are dropped.
         compactness: watershed compactness (0 = classical watershed).
+        relief: what the watershed floods from predicted markers: ``"distance"`` (minus the
+            distance transform of the mask, seed 002's choice) or ``"marker"`` (minus the marker
+            probability: the basins follow the predicted shape markers, which separates touching
+            nuclei whose mask has no neck). Without a marker map the distance is always used.
     """
 
     threshold: float = 0.5
@@ -103,6 +107,7 @@ class PostprocessConfig:
     marker_threshold: float = 0.5
     min_marker_um2: float = 1.0
     compactness: float = 0.0
+    relief: str = "distance"
 
 
 def clean_mask(mask: np.ndarray, mpp: float, min_area_um2: float = 3.0, max_hole_um2: float = 10.0) -> np.ndarray:
@@ -261,7 +266,8 @@ def instances_from_probability(prob: np.ndarray, mpp: float, cfg: PostprocessCon
             sec. II-C: "After thresholding shape marker, connected component is applied to it
             ... labeled shape marker map along with the binarized mask are given as inputs to the
             watershed"). Thresholded at ``cfg.marker_threshold``, specks removed, labelled; the
-            watershed then floods minus the distance transform of the mask from those markers.
+            watershed then floods minus the distance transform of the mask (``cfg.relief =
+            "distance"``) or minus the marker probability (``"marker"``) from those markers.
 
     Returns:
         (H, W) uint32 instance map, 0 = background, nuclei 1..N.
@@ -279,7 +285,10 @@ def instances_from_probability(prob: np.ndarray, mpp: float, cfg: PostprocessCon
         if mp.shape != p.shape:
             raise ValueError(f"marker map shape {mp.shape} differs from the probability map {p.shape}")
         mk = clean_mask((mp > cfg.marker_threshold) & mask, mpp, cfg.min_marker_um2, 0.0)
-        return split_watershed(mask, mpp, markers=cc_label(mk, connectivity=2), cfg=cfg)
+        if cfg.relief not in ("distance", "marker"):
+            raise ValueError(f"relief must be 'distance' or 'marker', got {cfg.relief!r}")
+        relief = -mp.astype(np.float32, copy=False) if cfg.relief == "marker" else None
+        return split_watershed(mask, mpp, markers=cc_label(mk, connectivity=2), relief=relief, cfg=cfg)
     if cfg.split == "none":
         return _consecutive(cc_label(mask, connectivity=2))
     if cfg.split == "watershed":

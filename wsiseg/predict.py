@@ -62,6 +62,47 @@ def _one_thread(numel: int):
         torch.set_num_threads(n)
 
 
+TTA_MODES = {
+    "none": ((0, False),),
+    "flips": ((0, False), (0, True), (2, False), (2, True)),  # identity, h-flip, 180 deg, v-flip
+    "d4": tuple((k, f) for f in (False, True) for k in range(4)),  # the 8 rotations x flips
+}
+
+
+class TestTimeAugmentation(torch.nn.Module):
+    """Test-time augmentation: the network on each rotation (multiples of 90 degrees) and flip of
+    the batch, each output turned back, and the activated probabilities averaged. ``forward``
+    returns logits whose activation is that mean: ``logit(mean p)`` for sigmoid outputs (p clamped
+    to [eps, 1 - eps]) and ``log(mean p)`` for softmax outputs. Square inputs only (tiles).
+
+    ``mode``: ``flips`` (identity, horizontal and vertical flips, 180 degrees: 4 passes) or ``d4``
+    (all 8 symmetries of the square). The network's cost grows by that factor."""
+
+    def __init__(self, net: torch.nn.Module, mode: str, activation: str = "sigmoid", eps: float = 1e-6):
+        super().__init__()
+        if mode not in TTA_MODES or mode == "none":
+            raise ValueError(f"unknown test-time augmentation {mode!r}; use flips or d4 (or none)")
+        self.net = net
+        self.ops = TTA_MODES[mode]
+        self.softmax = activation == "softmax"
+        self.eps = float(eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != x.shape[-2]:
+            raise ValueError(f"test-time augmentation needs square inputs, got {tuple(x.shape[-2:])}")
+        acc = None
+        for k, flip in self.ops:
+            y = x.flip(-1) if flip else x
+            y = torch.rot90(y, k, (-2, -1)) if k else y
+            z = self.net(y).float()
+            z = torch.rot90(z, -k, (-2, -1)) if k else z
+            z = z.flip(-1) if flip else z
+            p = torch.softmax(z, dim=1) if self.softmax else torch.sigmoid(z)
+            acc = p if acc is None else acc.add_(p)
+        p = acc.div_(len(self.ops)).clamp_(self.eps, 1 - self.eps)
+        return torch.log(p) if self.softmax else torch.logit(p)
+
+
 def _out_array(out: np.ndarray | None, shape: tuple) -> np.ndarray:
     """``out`` checked to be a C-contiguous float32 array of ``shape``, or a new one."""
     if out is None:
@@ -83,14 +124,22 @@ class Predictor:
     the window multiply run on one thread (the multiply fused with the NHWC -> NCHW copy of the
     output). A network whose output repeats one map over the classes (an ``expand``, stride 0:
     e.g. the I/O benchmark's stand-in network) has its activation computed once per map.
+    ``tta``: ``flips`` or ``d4`` average the probabilities over 4 or 8 flips/rotations of each
+    tile (:class:`TestTimeAugmentation`), at 4 or 8 times the network's cost.
     """
 
-    def __init__(self, model: LoadedModel, device: str = "auto", threads: int | None = None):
+    def __init__(self, model: LoadedModel, device: str = "auto", threads: int | None = None, tta: str = "none"):
         self.model = model
         self.device = resolve_device(device)
+        if tta not in TTA_MODES:
+            raise ValueError(f"unknown test-time augmentation {tta!r}; use none, flips or d4")
+        self.tta = tta
         if self.device.type == "cpu":
             torch.set_num_threads(threads or os.cpu_count() or 1)
-        self.net = fold_batchnorm(model.network).to(self.device).to(memory_format=torch.channels_last).eval()
+        net = fold_batchnorm(model.network)
+        if tta != "none":
+            net = TestTimeAugmentation(net, tta, model.activation)
+        self.net = net.to(self.device).to(memory_format=torch.channels_last).eval()
         self.amp = self.device.type == "cuda"
         self._mean = torch.tensor(model.mean, device=self.device).view(1, 3, 1, 1) * 255
         self._std = torch.tensor(model.std, device=self.device).view(1, 3, 1, 1) * 255

@@ -188,3 +188,58 @@ def load_model(name_or_path: str | Path | None = None) -> LoadedModel:
         )
     net.eval()
     return LoadedModel(net, meta)
+
+
+def ensemble_model(members: list[str | Path], dst: str | Path, model_id: str | None = None) -> Path:
+    """Combine trained models into seed 001's U-Net ensemble (pixel-wise mean of the members'
+    sigmoid probabilities, :class:`wsiseg.models.zoo.UNetEnsemble`) saved as one model: every
+    member's weights in ``dst.safetensors``, its architecture in the sidecar. The members must
+    give the same classes at the same um/px with sigmoid outputs; each keeps its own input
+    normalisation (mapped onto the first member's, which the ensemble's sidecar states). The
+    first member's instance post-processing (``postprocess``) is kept."""
+    from wsiseg.models.zoo import UNetEnsemble
+
+    if len(members) < 2:
+        raise ModelError("an ensemble needs at least two trained models")
+    loaded = []
+    for m in members:
+        path = resolve_model_path(m)
+        meta = json.loads(path.with_suffix(".json").read_text())
+        if meta.get("activation", "sigmoid") != "sigmoid":
+            raise ModelError(f"{path}: the ensemble averages sigmoid probabilities; this model uses {meta['activation']}")
+        loaded.append((path, meta))
+    classes = loaded[0][1]["classes"]
+    for path, meta in loaded[1:]:
+        if meta["classes"] != classes:
+            raise ModelError(f"{path}: classes {meta['classes']} differ from the first member's {classes}")
+    try:
+        net = UNetEnsemble([str(p) for p, _ in loaded])
+    except ValueError as e:  # e.g. members at different um/px
+        raise ModelError(str(e)) from None
+    ref = net.reference
+    dst = Path(dst).with_suffix(".safetensors")
+    first = loaded[0][1]
+    meta = {
+        "id": model_id or dst.stem,
+        "architecture": "unet_ensemble",
+        "arch_kwargs": net.export_kwargs(),
+        "classes": list(classes),
+        "activation": "sigmoid",
+        "mpp": ref["mpp"],
+        "input_multiple": ref["input_multiple"],
+        "normalization": ref["normalization"],
+        "training": {
+            "ensemble_of": [
+                {"id": meta.get("id", path.stem), "file": path.name,
+                 "data": meta.get("training", {}).get("data"),
+                 "data_hash": meta.get("training", {}).get("data_hash"),
+                 "metrics": meta.get("metrics")}
+                for path, meta in loaded
+            ],
+            "note": "no training of its own: the members' weights, averaged at inference (seed 001's U-Net ensemble)",
+        },
+    }
+    if "postprocess" in first:
+        meta["postprocess"] = first["postprocess"]
+        meta["postprocess_from"] = first.get("id", loaded[0][0].stem)
+    return save_model(net, meta, dst)
