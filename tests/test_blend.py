@@ -146,12 +146,34 @@ def _tile_predictions(view, grid, keep, pred, tile):
     return out
 
 
+def _blend_in_order(blender, todo, grid, preds, dtype, convert):
+    """Announce, add (each prediction through ``convert``) and release every tile of ``todo``
+    in window_blocks order; the released blocks pasted into one (1, H, W) ``dtype`` map."""
+    for blk in todo:
+        for c in blk.cols:
+            blender.expect(blk.y, int(grid.xs[c]))
+    out = np.zeros((1, blender.H, blender.W), dtype)
+    ch = blender.band
+    for blk in todo:
+        for c in blk.cols:
+            blender.add(convert(preds[(blk.y, int(grid.xs[c]))]), blk.y, int(grid.xs[c]))
+        for band, x, p in blender.release():
+            assert p.dtype == dtype
+            out[:, band * ch : band * ch + p.shape[1], x : x + p.shape[2]] = p
+    assert blender.open_blocks == 0
+    return out
+
+
 @pytest.mark.parametrize("tile,overlap,chunk", [(64, 0.5, 128), (64, 0.75, 64), (96, 0.25, 128)])
 def test_blockwise_blending_equals_whole_band_accumulation_bit_for_bit(tmp_path, monuseg_image, tile, overlap, chunk):
     """On a real image with a CNN whose output depends on the tile (zero padding), the blockwise
     blender in window_blocks order gives the same float32 bits as whole-width bands in row-major
-    order, also for a band range (as --split and resumed runs infer) and with tissue gaps."""
-    from wsiseg.blend import ChunkBlender
+    order, also for a band range (as --split and resumed runs infer) and with tissue gaps; the
+    device blender (torch tensors) writes the bytes the store makes of those bits."""
+    import torch
+
+    from wsiseg.blend import ChunkBlender, DeviceChunkBlender
+    from wsiseg.store import ProbabilityStore
     from wsiseg.slide import ScaledView, open_slide
     from wsiseg.tiling import blocks, window_blocks
 
@@ -174,20 +196,16 @@ def test_blockwise_blending_equals_whole_band_accumulation_bit_for_bit(tmp_path,
         a = np.zeros((1, H, W), np.float32)
         for band, p in ref.release(H):
             a[:, band * chunk : band * chunk + p.shape[1]] = p
-        new = ChunkBlender((H, W), 1, tile, chunk, first_band=first, stop_band=stop, cols=2 * chunk)
         todo = window_blocks(grid, keep, chunk, first, stop, 8)
         assert sorted((b.row, c) for b in todo for c in b.cols) == sorted(zip(*np.nonzero(sel)))
-        for blk in todo:
-            for c in blk.cols:
-                new.expect(blk.y, int(grid.xs[c]))
-        b = np.zeros((1, H, W), np.float32)
-        for blk in todo:
-            for c in blk.cols:
-                new.add(preds[(blk.y, int(grid.xs[c]))], blk.y, int(grid.xs[c]))
-            for band, x, p in new.release():
-                b[:, band * chunk : band * chunk + p.shape[1], x : x + p.shape[2]] = p
-        assert new.open_blocks == 0
+        new = ChunkBlender((H, W), 1, tile, chunk, first_band=first, stop_band=stop, cols=2 * chunk)
+        b = _blend_in_order(new, todo, grid, preds, np.float32, lambda p: p)
         np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32))
+        # the device blender (torch tensors; here on the CPU): the bytes the store writes from those bits
+        dev = DeviceChunkBlender((H, W), 1, tile, chunk, first_band=first, stop_band=stop, cols=2 * chunk, device="cpu")
+        u = _blend_in_order(dev, todo, grid, preds, np.uint8, torch.from_numpy)
+        np.testing.assert_array_equal(u, ProbabilityStore.to_uint8(b.copy()))
+        assert u[:, first * chunk : stop * chunk].any()
 
 
 def test_blockwise_store_equals_reference_full_accumulation(tmp_path, monuseg_image):

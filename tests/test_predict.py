@@ -130,15 +130,18 @@ def test_blending_in_a_thread_gives_the_same_bytes_and_surfaces_its_errors(tmp_p
     img = write_png(tmp_path / "img.png", monuseg_image[:700, :900])
     pred = Predictor(load_model(tiny_unet_path), "cpu", threads=1)
     maps = {}
-    for threaded in (True, False):
-        cfg = RunConfig(mpp=0.5, chunk=128, tissue=False, batch_size=3, cellularity=False, blend_thread=threaded)
-        res = run_slide(img, tmp_path / f"out-{threaded}", pred, cfg)
+    for threaded, on_device in ((True, False), (False, False), (True, True), (False, True)):
+        cfg = RunConfig(mpp=0.5, chunk=128, tissue=False, batch_size=3, cellularity=False, blend_thread=threaded,
+                        blend_on_device=on_device)
+        res = run_slide(img, tmp_path / f"out-{threaded}-{on_device}", pred, cfg)
         assert res.status == "ok"
         g = zarr.open_group(str(res.out_dir / "probabilities.zarr"), mode="r")
-        maps[threaded] = [g[k][:] for k in sorted(g.array_keys())]
-    assert len(maps[True]) > 1 and maps[True][0].any()
-    for a, b in zip(maps[True], maps[False]):
-        np.testing.assert_array_equal(a, b)
+        maps[threaded, on_device] = [g[k][:] for k in sorted(g.array_keys())]
+    ref = maps[False, False]
+    assert len(ref) > 1 and ref[0].any()
+    for key, levels in maps.items():  # blend thread, and blending with torch tensors (the GPU path)
+        for a, b in zip(levels, ref):
+            np.testing.assert_array_equal(a, b, err_msg=str(key))
 
     calls = {"n": 0}
     add = ChunkBlender.add
@@ -200,3 +203,30 @@ def test_test_time_augmentation_makes_the_maps_follow_rotations_and_flips(monuse
                                Predictor(test_model(pointwise), "cpu", threads=1)(tiles), atol=2e-6)
     with pytest.raises(ValueError, match="test-time augmentation"):
         Predictor(test_model(pointwise), "cpu", tta="rotate")
+
+
+@pytest.mark.gpu
+def test_blending_on_the_gpu_writes_the_bytes_of_blending_on_the_host(tmp_path, monuseg_image, tiny_unet_path):
+    """On CUDA: the same predictor's probabilities blended on the GPU (DeviceChunkBlender) or
+    copied back and blended with NumPy give the same stored bytes, with and without the blend
+    thread."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    import zarr
+
+    from tests.conftest import write_png
+    from wsiseg.models.registry import load_model
+    from wsiseg.pipeline import RunConfig, run_slide
+
+    img = write_png(tmp_path / "img.png", monuseg_image[:700, :900])
+    pred = Predictor(load_model(tiny_unet_path), "cuda")
+    maps = {}
+    for threaded, on_device in ((False, False), (True, True), (False, True)):
+        cfg = RunConfig(mpp=0.5, chunk=128, tissue=False, batch_size=4, cellularity=False, blend_thread=threaded,
+                        blend_on_device=on_device)
+        res = run_slide(img, tmp_path / f"out-{threaded}-{on_device}", pred, cfg)
+        g = zarr.open_group(str(res.out_dir / "probabilities.zarr"), mode="r")
+        maps[threaded, on_device] = [g[k][:] for k in sorted(g.array_keys())]
+    for key, levels in maps.items():
+        for a, b in zip(levels, maps[False, False]):
+            np.testing.assert_array_equal(a, b, err_msg=str(key))

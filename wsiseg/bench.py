@@ -396,7 +396,8 @@ _STAGE_FUNCS: dict[str, Callable[..., dict]] = {
 
 def run_stage(stage: str, slide: str | Path, model: str | None = None, device: str = "cpu", batch_size: int = 8,
               tile: int = 256, overlap: float = 0.5, workers: int = 2, threads: int | None = None,
-              tissue: bool = True, model_seconds: float = 10.0, blend_thread: str = "auto") -> dict:
+              tissue: bool = True, model_seconds: float = 10.0, blend_thread: str = "auto",
+              blend_on_device: bool = False) -> dict:
     """One stage in this process; adds ``peak_rss_mb`` (this process's peak so far) and
     ``rss_after_setup_mb`` (the peak after imports and model loading, before the stage)."""
     import torch  # imports (torch, and the pipeline's below) count as setup, as for run_slide
@@ -411,7 +412,8 @@ def run_stage(stage: str, slide: str | Path, model: str | None = None, device: s
     m = load_model(model)
     # the tile pipeline's stages without the cellularity stage, which is measured on its own
     cfg = RunConfig(tile=tile, overlap=overlap, batch_size=batch_size, workers=workers, tissue=tissue, overwrite=True,
-                    cellularity=False, blend_thread=BLEND_THREAD[blend_thread])
+                    cellularity=False, blend_thread=BLEND_THREAD[blend_thread],
+                    blend_on_device=blend_on_device)
     before = _rss_mb()
     cpu0 = time.process_time()
     res = _STAGE_FUNCS[stage](Path(slide), m, cfg, device=device, threads=threads, min_seconds=model_seconds)
@@ -431,7 +433,8 @@ def run_stage(stage: str, slide: str | Path, model: str | None = None, device: s
 def run_stage_subprocess(stage: str, slide: str | Path, model: str | None = None, device: str = "cpu",
                          batch_size: int = 8, tile: int = 256, overlap: float = 0.5, workers: int = 2,
                          threads: int | None = None, tissue: bool = True, model_seconds: float = 10.0,
-                         python: str | None = None, timeout: float | None = None, blend_thread: str = "auto") -> dict:
+                         python: str | None = None, timeout: float | None = None, blend_thread: str = "auto",
+                         blend_on_device: bool = False) -> dict:
     """:func:`run_stage` in a fresh Python process, so the peak RSS is the stage's own."""
     cmd = [python or sys.executable, "-m", "wsiseg.bench", "--child-stage", stage, str(slide), "--device", device,
            "--batch-size", str(batch_size), "--tile", str(tile), "--overlap", str(overlap), "--workers", str(workers),
@@ -442,7 +445,7 @@ def run_stage_subprocess(stage: str, slide: str | Path, model: str | None = None
         cmd += ["--threads", str(threads)]
     if not tissue:
         cmd += ["--no-tissue-mask"]
-    cmd += ["--blend-thread", blend_thread]
+    cmd += ["--blend-thread", blend_thread] + (["--blend-on-device"] if blend_on_device else [])
     return run_tagged(cmd, _RESULT_TAG, f"bench stage {stage}", timeout)
 
 
@@ -506,7 +509,8 @@ def format_table(results: dict) -> str:
 def bench(slide_path: str | Path, model: str | None = None, device: str = "cpu", batch_size: int = 8, tile: int = 256,
           overlap: float = 0.5, out_json: str | Path | None = None, *, stages: tuple[str, ...] = STAGES,
           workers: int = 2, threads: int | None = None, tissue: bool = True, model_seconds: float = 10.0,
-          isolate: bool = True, verbose: bool = True, blend_thread: str = "auto") -> dict:
+          isolate: bool = True, verbose: bool = True, blend_thread: str = "auto",
+          blend_on_device: bool = False) -> dict:
     """Measure every stage on ``slide_path``; return (and write to ``out_json``) the results.
 
     ``model``: a shipped name, a ``.safetensors`` path, ``None`` (the default model) or
@@ -522,13 +526,15 @@ def bench(slide_path: str | Path, model: str | None = None, device: str = "cpu",
         res: dict[str, Any] = {
             "benchmark": "wsiseg.bench", "slide": _slide_info(slide, model), "device": dev, "batch_size": batch_size,
             "tile": tile, "overlap": overlap, "workers": workers, "threads": threads, "tissue_mask": tissue,
-            "isolated_processes": isolate, "blend_thread": blend_thread, "machine": machine(), "stages": {},
+            "isolated_processes": isolate, "blend_thread": blend_thread,
+            "blend_on_device": blend_on_device, "machine": machine(), "stages": {},
         }
         for st in stages:
             if st not in _STAGE_FUNCS:
                 raise ValueError(f"unknown stage {st!r}; known: {', '.join(STAGES)}")
             kw = dict(model=model, device=dev, batch_size=batch_size, tile=tile, overlap=overlap, workers=workers,
-                      threads=threads, tissue=tissue, model_seconds=model_seconds, blend_thread=blend_thread)
+                      threads=threads, tissue=tissue, model_seconds=model_seconds, blend_thread=blend_thread,
+                      blend_on_device=blend_on_device)
             if verbose:
                 print(f"bench: {st} ...", file=sys.stderr, flush=True)
             r = run_stage_subprocess(st, slide, **kw) if isolate else run_stage(st, slide, **kw)
@@ -574,6 +580,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--no-tissue-mask", action="store_true", help="every tile, background too")
     p.add_argument("--blend-thread", default="auto", choices=["auto", "on", "off"],
                    help="blend each batch in a thread beside the next batch's inference (auto: on with CUDA)")
+    p.add_argument("--blend-on-device", action="store_true",
+                   help="blend on the GPU (accumulators there, uint8 blocks copied back)")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument("--model-seconds", type=float, default=10.0, help="how long model_only runs (after warm-up)")
     p.add_argument("--in-process", action="store_true", help="all stages in this process (peak RSS cumulative)")
@@ -595,13 +603,14 @@ def run_args(a: argparse.Namespace) -> int:
     try:
         if a.child_stage:
             res = run_stage(a.child_stage, a.slide, a.model, a.device, a.batch_size, a.tile, a.overlap, a.workers,
-                            a.threads, not a.no_tissue_mask, a.model_seconds, a.blend_thread)
+                            a.threads, not a.no_tissue_mask, a.model_seconds, a.blend_thread, a.blend_on_device)
             print(_RESULT_TAG + json.dumps(res), flush=True)
             return 0
         stages = tuple(s.strip() for s in a.stages.split(",") if s.strip())
         bench(a.slide, a.model, a.device, a.batch_size, a.tile, a.overlap, a.json, stages=stages, workers=a.workers,
               threads=a.threads, tissue=not a.no_tissue_mask, model_seconds=a.model_seconds,
-              isolate=not a.in_process, blend_thread=a.blend_thread)
+              isolate=not a.in_process, blend_thread=a.blend_thread,
+              blend_on_device=a.blend_on_device)
     except (SlideError, ModelError, ValueError) as e:
         print(f"wsiseg bench: error: {e}", file=sys.stderr)
         return 2

@@ -345,7 +345,8 @@ class ChunkBlender:
             raise RuntimeError(f"tile at ({y}, {x}) was not announced, or its blocks were already released")
         pend -= 1
         T, bh, cw = self.tile, self.band, self.cols
-        pw = probs if weighted else probs * self.win
+        win = self._acc_win
+        pw = probs if weighted else probs * win
         ya, yb = max(y, 0, self.first_band * bh), min(y + T, self.H, self.n_bands * bh)
         xa, xb = max(x, 0), min(x + T, self.W)
         for b in range(b0, b1):
@@ -357,7 +358,18 @@ class ChunkBlender:
                 c0, c1 = tx0 + x - k * cw, tx1 + x - k * cw
                 s, wsum = self._get(b, k, r1, full)
                 s[:, r0:r1, c0:c1] += pw[:, ty0:ty1, tx0:tx1]
-                wsum[r0:r1, c0:c1] += self.win[ty0:ty1, tx0:tx1]
+                wsum[r0:r1, c0:c1] += win[ty0:ty1, tx0:tx1]
+
+    _normalise = staticmethod(normalise)
+
+    @property
+    def _acc_win(self):
+        """The window as the accumulators hold numbers (here the NumPy array itself)."""
+        return self.win
+
+    def _finish(self, out):
+        """A released block as it is yielded (here the float32 probabilities themselves)."""
+        return out
 
     def release(self) -> Iterator[tuple[int, int, np.ndarray]]:
         """Yield (band, first column, (C, rows, width) float32 probabilities) for each block, in
@@ -381,7 +393,7 @@ class ChunkBlender:
                 s, wsum = acc
                 n = wsum.shape[0]
                 out = s if n == rows else self._pool.empty((self.C, rows, w))  # normalised in place
-                normalise(s, wsum, out[:, :n])
+                self._normalise(s, wsum, out[:, :n])
                 out[:, n:] = 0
                 self._pool.give(wsum)
                 if out is not s:
@@ -391,7 +403,7 @@ class ChunkBlender:
                 self._wait_or_spill(key)
             self._next = (b, k + 1) if k + 1 < self.n_cols else (b + 1, 0)
             self._lent.append(out)
-            yield b, k * self.cols, out
+            yield b, k * self.cols, self._finish(out)
             self._pool.give(*self._lent)
             self._lent.clear()
 
@@ -399,3 +411,72 @@ class ChunkBlender:
     def open_blocks(self) -> int:
         """Blocks with accumulators, in memory or spilled."""
         return len(self._acc) + len(self._spilled)
+
+
+class _TensorPool:
+    """:class:`BufferPool`'s interface for torch tensors on a device (the caching allocator of
+    the device recycles memory, so nothing is kept here)."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def zeros(self, shape: tuple[int, ...]):
+        import torch
+
+        return torch.zeros(shape, dtype=torch.float32, device=self.device)
+
+    def empty(self, shape: tuple[int, ...]):
+        import torch
+
+        return torch.empty(shape, dtype=torch.float32, device=self.device)
+
+    def give(self, *arrays) -> None:
+        pass
+
+
+def tensor_to_uint8(probs):
+    """round(clip(p, 0, 1) * 255) as uint8 (halves to even) of a float32 tensor, on its device:
+    the same bytes as :meth:`wsiseg.store.ProbabilityStore.to_uint8` (float32 product, rounding
+    half to even, saturation) for every finite value."""
+    import torch
+
+    return torch.round(probs.clamp(0, 1) * 255).to(torch.uint8)
+
+
+class DeviceChunkBlender(ChunkBlender):
+    """:class:`ChunkBlender` with its accumulators as torch tensors on ``device`` (a GPU): tiles'
+    windowed probabilities are added where the network left them, finished blocks are
+    normalised and quantised there, and only their uint8 bytes come back to the host.
+    ``add`` takes (C, T, T) float32 tensors on the device; ``release`` yields (band, first
+    column, (C, rows, width) uint8 NumPy array) in the same order as :class:`ChunkBlender`, with
+    the same bytes that :class:`ChunkBlender` followed by the store's quantisation writes (the
+    same float32 additions in the same order, IEEE division, rounding half to even). The strip
+    a band's tiles reach into the next stays in device memory (no spilling to disk):
+    (tile - stride) rows x the slide's width x (channels + 1) x 4 bytes, e.g. 460 MB for
+    5 channels across 150,000 px at 50% overlap of 256 px tiles."""
+
+    def __init__(self, shape: tuple[int, int], channels: int, tile: int, band: int, kind: str = "hann",
+                 first_band: int = 0, stop_band: int | None = None, cols: int | None = None, device="cuda"):
+        import torch
+
+        super().__init__(shape, channels, tile, band, kind, first_band, stop_band, cols)
+        self.device = torch.device(device)
+        self._pool = _TensorPool(self.device)
+        self._spill_bytes = float("inf")  # blocks waiting for the next band stay on the device
+        self._win_dev = torch.from_numpy(self.win).to(self.device)
+
+    @property
+    def _acc_win(self):
+        return self._win_dev
+
+    @staticmethod
+    def _normalise(s, wsum, out):
+        """``out`` = s / wsum, 0 where the weight is at most 1e-6 (as :func:`normalise`)."""
+        import torch
+
+        torch.div(s, wsum, out=out)
+        out.masked_fill_(~(wsum > 1e-6), 0)
+        return out
+
+    def _finish(self, out):
+        return tensor_to_uint8(out).cpu().numpy()

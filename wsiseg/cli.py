@@ -61,7 +61,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                         cell_stride=args.cell_stride, cell_min_tissue=args.cell_min_tissue,
                         lgbm=None if args.lgbm == "none" else args.lgbm,
                         cnn=None if args.cnn == "none" else args.cnn, instances=args.instances,
-                        blend_thread=BLEND_THREAD[args.blend_thread])
+                        blend_thread=BLEND_THREAD[args.blend_thread], blend_on_device=args.blend_on_device)
     except (ModelError, ValueError) as e:
         print(f"wsiseg: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -327,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test-time augmentation: mean probability over 4 flips or the 8 rotations/flips of each tile (4x or 8x the model's time)")
     r.add_argument("--blend-thread", default="auto", choices=["auto", "on", "off"],
                    help="blend each batch in a thread while the next is inferred (auto: on with CUDA, off on CPU)")
+    r.add_argument("--blend-on-device", action="store_true",
+                   help="blend on the GPU: accumulate and quantise there, copy back uint8 blocks only (not yet measured on a GPU)")
     r.add_argument("--window", default="hann", choices=["hann", "gaussian", "flat"], help="blending window")
     r.add_argument("--no-tissue-mask", action="store_true", help="infer every tile, background too")
     r.add_argument("--overwrite", action="store_true", help="discard existing output and start again")

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 import wsiseg
-from wsiseg.blend import ChunkBlender, trim_heap
+from wsiseg.blend import ChunkBlender, DeviceChunkBlender, trim_heap
 from wsiseg.predict import Predictor
 from wsiseg.schedule import BlockPrefetcher
 from wsiseg.slide import ScaledView, SlideError, open_slide
@@ -50,6 +50,8 @@ class RunConfig:
     # blend and release blocks in a thread while the next batch is inferred: True, False, or None
     # (auto: on with a GPU, off on a CPU, where the network already uses every core)
     blend_thread: bool | None = None
+    # blend on the predictor's device (a GPU): accumulators there, only uint8 blocks come back
+    blend_on_device: bool = False
     thumbnail_size: int = 2048
     tissue: bool = True  # False: every tile is inferred
     overwrite: bool = False
@@ -192,8 +194,12 @@ def infer_bands(view: ScaledView, grid: TileGrid, keep: np.ndarray, predictor: P
     ch = cfg.chunk
     n_bands = -(-view.shape[0] // ch)
     stop_band = n_bands if stop_band is None else min(stop_band, n_bands)
-    blender = ChunkBlender(view.shape, len(predictor.channels), cfg.tile, ch, cfg.window,
-                           first_band=first_band, stop_band=stop_band, cols=2 * ch)
+    if cfg.blend_on_device:
+        blender = DeviceChunkBlender(view.shape, len(predictor.channels), cfg.tile, ch, cfg.window,
+                                     first_band=first_band, stop_band=stop_band, cols=2 * ch, device=predictor.device)
+    else:
+        blender = ChunkBlender(view.shape, len(predictor.channels), cfg.tile, ch, cfg.window,
+                               first_band=first_band, stop_band=stop_band, cols=2 * ch)
     xs = grid.xs
     todo = window_blocks(grid, keep, ch, first_band, stop_band, cfg.block_tiles)
     for blk in todo:
@@ -208,8 +214,8 @@ def infer_bands(view: ScaledView, grid: TileGrid, keep: np.ndarray, predictor: P
     threaded = cfg.blend_thread
     if threaded is None:
         threaded = getattr(getattr(predictor, "device", None), "type", "cpu") != "cpu"
-    outs = [np.empty((cfg.batch_size, len(predictor.channels), cfg.tile, cfg.tile), np.float32)
-            for _ in range(2 if threaded else 1)]
+    outs = [] if cfg.blend_on_device else [np.empty((cfg.batch_size, len(predictor.channels), cfg.tile, cfg.tile),
+                                                    np.float32) for _ in range(2 if threaded else 1)]
 
     def write_ready() -> None:
         tw = time.perf_counter()
@@ -251,7 +257,10 @@ def infer_bands(view: ScaledView, grid: TileGrid, keep: np.ndarray, predictor: P
             for i, (tiles, where) in enumerate(batches):
                 ti = time.perf_counter()
                 # probabilities x window (as add() would weight each tile), into a reused buffer
-                probs = predictor(tiles, weight=blender.win, out=outs[i % len(outs)][: len(where)])
+                if cfg.blend_on_device:  # a new tensor on the device for each batch
+                    probs = predictor.on_device(tiles, weight=blender.win)
+                else:
+                    probs = predictor(tiles, weight=blender.win, out=outs[i % len(outs)][: len(where)])
                 t["infer"] += time.perf_counter() - ti
                 if pool is None:
                     n = blend(probs, where)

@@ -167,18 +167,17 @@ class Predictor:
         x = cv2.LUT(np.ascontiguousarray(tiles).reshape(n * h, w, c), self._lut)
         return x.reshape(n, h, w, c)
 
-    @torch.inference_mode()
-    def __call__(self, tiles: np.ndarray, weight: np.ndarray | None = None,
-                 out: np.ndarray | None = None) -> np.ndarray:
-        """Probabilities (N, C, T, T) float32 of (N, T, T, 3) uint8 tiles; with ``weight`` (T, T)
-        float32, probabilities x weight (the same float32 products as multiplying afterwards).
-        ``out``: a C-contiguous (N, C, T, T) float32 array to write into (returned)."""
+    def _logits(self, tiles: np.ndarray, torch_input: bool):
+        """(logits (N, C, T, T) float32, the map to activate (one channel when the logits repeat
+        one map over the classes), the output shape). ``torch_input``: normalise with tensor ops
+        on the device (the batch copied there from pinned memory) instead of the CPU table."""
         t = tiles.shape[1]
         if t % self.model.input_multiple:
             raise ValueError(f"tile size {t} is not a multiple of {self.model.input_multiple}, which the model needs")
-        if self.device.type == "cuda":
+        if torch_input:
             x = torch.from_numpy(np.ascontiguousarray(tiles))
-            x = x.pin_memory().to(self.device, non_blocking=True)
+            if self.device.type == "cuda":
+                x = x.pin_memory().to(self.device, non_blocking=True)
             x = x.permute(0, 3, 1, 2).float()  # NHWC memory = channels_last
             x = (x - self._mean) / self._std
         else:
@@ -186,17 +185,34 @@ class Predictor:
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
             logits = self.net(x)
         logits = logits.float()
-        cpu = self.device.type == "cpu"
         # one map repeated over the classes (stride 0): its sigmoid once (softmax needs them all)
         once = (logits.dim() == 4 and logits.shape[1] > 1 and logits.stride(1) == 0
                 and self.model.activation != "softmax")
         z = logits[:, :1].contiguous() if once else logits  # (the map may be a strided view)
-        shape = (logits.shape[0], logits.shape[1]) + tuple(logits.shape[2:])
-        if not cpu:
+        return logits, z, (logits.shape[0], logits.shape[1]) + tuple(logits.shape[2:])
+
+    def _activate(self, z: torch.Tensor, weight: np.ndarray | None) -> torch.Tensor:
+        probs = torch.softmax(z, dim=1) if self.model.activation == "softmax" else torch.sigmoid(z)
+        return probs if weight is None else probs * self._device_weight(weight)
+
+    @torch.inference_mode()
+    def on_device(self, tiles: np.ndarray, weight: np.ndarray | None = None) -> torch.Tensor:
+        """Probabilities (x ``weight``) of (N, T, T, 3) uint8 tiles as an (N, C, T, T) float32
+        tensor left on the predictor's device, for blending there
+        (:class:`wsiseg.blend.DeviceChunkBlender`)."""
+        _, z, shape = self._logits(tiles, torch_input=True)
+        return self._activate(z, weight).expand(shape).contiguous()
+
+    @torch.inference_mode()
+    def __call__(self, tiles: np.ndarray, weight: np.ndarray | None = None,
+                 out: np.ndarray | None = None) -> np.ndarray:
+        """Probabilities (N, C, T, T) float32 of (N, T, T, 3) uint8 tiles; with ``weight`` (T, T)
+        float32, probabilities x weight (the same float32 products as multiplying afterwards).
+        ``out``: a C-contiguous (N, C, T, T) float32 array to write into (returned)."""
+        _, z, shape = self._logits(tiles, torch_input=self.device.type != "cpu")
+        if self.device.type != "cpu":
             # on the GPU: activation and window there, then one copy into ``out`` (NCHW)
-            probs = torch.softmax(z, dim=1) if self.model.activation == "softmax" else torch.sigmoid(z)
-            if weight is not None:
-                probs = probs * self._device_weight(weight)
+            probs = self._activate(z, weight)
             out = _out_array(out, shape)
             torch.from_numpy(out).copy_(probs.expand(shape).contiguous())
             return out

@@ -304,8 +304,9 @@ class ProbabilityStore:
     def write_block(self, band: int, x: int, probs: np.ndarray) -> None:
         """Write (C, rows, w) float32 probabilities in [0, 1] at level-0 band ``band``, columns
         from ``x`` (a multiple of the chunk width; ``w`` too, or reaching the right edge).
-        ``probs`` is overwritten (converted in place)."""
-        self._write("0", band * self.chunk, x, self.to_uint8(probs))
+        ``probs`` is overwritten (converted in place); uint8 ``probs`` (already quantised as
+        :meth:`to_uint8` does, e.g. on a GPU) are written as they are."""
+        self._write("0", band * self.chunk, x, probs if probs.dtype == np.uint8 else self.to_uint8(probs))
 
     def mark_bands_done(self, n: int, progress_path: Path | None = None) -> None:
         """Record in ``progress_path`` (default ``progress.json``) that level-0 bands [.., n) are
