@@ -348,8 +348,9 @@ def run_slide(path: str | Path, out_dir: str | Path, predictor: Predictor, cfg: 
             log.info("%s: resuming: %d of %d bands already written", path.name, bands_done, -(-view.shape[0] // cfg.chunk))
         else:
             store = ProbabilityStore.create(store_path, view.shape, channels, view.mpp, attrs, cfg.chunk)
-            Image.fromarray(thumb).save(out_dir / "thumbnail.png")
-            Image.fromarray((mask * 255).astype(np.uint8)).save(out_dir / "tissue.png")
+            # zlib level 1: a 2048 px thumbnail in about 0.4 s instead of 0.65 s, 2.5% larger
+            Image.fromarray(thumb).save(out_dir / "thumbnail.png", compress_level=1)
+            Image.fromarray((mask * 255).astype(np.uint8)).save(out_dir / "tissue.png", compress_level=1)
 
         n_tissue = int(keep.sum())
         if band_runner is None:
