@@ -94,8 +94,7 @@ def peak_rss_mb() -> float:
 
 
 def _params(cfg: RunConfig, predictor: Predictor, view: ScaledView, path: Path) -> dict:
-    tta = getattr(predictor, "tta", "none")
-    extra = {} if tta == "none" else {"tta": tta}  # (absent without TTA: older outputs still resume)
+    extra = {} if predictor.tta == "none" else {"tta": predictor.tta}  # (absent without TTA: older outputs still resume)
     return extra | {
         "input": path.name,
         "input_bytes": path.stat().st_size,
@@ -213,7 +212,7 @@ def infer_bands(view: ScaledView, grid: TileGrid, keep: np.ndarray, predictor: P
     # two output buffers: the predictor fills one while the other's tiles are being blended
     threaded = cfg.blend_thread
     if threaded is None:
-        threaded = getattr(getattr(predictor, "device", None), "type", "cpu") != "cpu"
+        threaded = predictor.device.type != "cpu"
     outs = [] if cfg.blend_on_device else [np.empty((cfg.batch_size, len(predictor.channels), cfg.tile, cfg.tile),
                                                     np.float32) for _ in range(2 if threaded else 1)]
 
@@ -402,7 +401,7 @@ def run_slide(path: str | Path, out_dir: str | Path, predictor: Predictor, cfg: 
             "device": str(predictor.device),
             "torch_threads": __import__("torch").get_num_threads(),
             "model": predictor.model.id,
-            "tta": getattr(predictor, "tta", "none"),
+            "tta": predictor.tta,
             "mpp": view.mpp,
             "slide_mpp": reader.mpp,
             "shape": list(view.shape),

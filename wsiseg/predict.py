@@ -168,8 +168,8 @@ class Predictor:
         return x.reshape(n, h, w, c)
 
     def _logits(self, tiles: np.ndarray, torch_input: bool):
-        """(logits (N, C, T, T) float32, the map to activate (one channel when the logits repeat
-        one map over the classes), the output shape). ``torch_input``: normalise with tensor ops
+        """(the float32 logits to activate: (N, C, T, T), or (N, 1, T, T) when the network repeats
+        one map over the classes; the output shape (N, C, T, T)). ``torch_input``: normalise with tensor ops
         on the device (the batch copied there from pinned memory) instead of the CPU table."""
         t = tiles.shape[1]
         if t % self.model.input_multiple:
@@ -189,7 +189,7 @@ class Predictor:
         once = (logits.dim() == 4 and logits.shape[1] > 1 and logits.stride(1) == 0
                 and self.model.activation != "softmax")
         z = logits[:, :1].contiguous() if once else logits  # (the map may be a strided view)
-        return logits, z, (logits.shape[0], logits.shape[1]) + tuple(logits.shape[2:])
+        return z, (logits.shape[0], logits.shape[1]) + tuple(logits.shape[2:])
 
     def _activate(self, z: torch.Tensor, weight: np.ndarray | None) -> torch.Tensor:
         probs = torch.softmax(z, dim=1) if self.model.activation == "softmax" else torch.sigmoid(z)
@@ -200,7 +200,7 @@ class Predictor:
         """Probabilities (x ``weight``) of (N, T, T, 3) uint8 tiles as an (N, C, T, T) float32
         tensor left on the predictor's device, for blending there
         (:class:`wsiseg.blend.DeviceChunkBlender`)."""
-        _, z, shape = self._logits(tiles, torch_input=True)
+        z, shape = self._logits(tiles, torch_input=True)
         return self._activate(z, weight).expand(shape).contiguous()
 
     @torch.inference_mode()
@@ -209,19 +209,15 @@ class Predictor:
         """Probabilities (N, C, T, T) float32 of (N, T, T, 3) uint8 tiles; with ``weight`` (T, T)
         float32, probabilities x weight (the same float32 products as multiplying afterwards).
         ``out``: a C-contiguous (N, C, T, T) float32 array to write into (returned)."""
-        _, z, shape = self._logits(tiles, torch_input=self.device.type != "cpu")
         if self.device.type != "cpu":
             # on the GPU: activation and window there, then one copy into ``out`` (NCHW)
-            probs = self._activate(z, weight)
-            out = _out_array(out, shape)
-            torch.from_numpy(out).copy_(probs.expand(shape).contiguous())
+            probs = self.on_device(tiles, weight)
+            out = _out_array(out, tuple(probs.shape))
+            torch.from_numpy(out).copy_(probs)
             return out
+        z, shape = self._logits(tiles, torch_input=False)
         with _one_thread(z.numel()):
-            if self.model.activation == "softmax":
-                probs = torch.softmax(z, dim=1)
-            else:
-                probs = torch.sigmoid(z)
-            p = probs.numpy()  # any strides (channels_last, or one channel for all)
+            p = self._activate(z, None).numpy()  # any strides (channels_last, or one channel for all)
             if out is None:
                 if weight is None and p.shape == shape and p.flags.c_contiguous:
                     return p  # already NCHW
