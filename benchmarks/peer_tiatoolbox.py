@@ -213,20 +213,39 @@ def compare(slide: str | Path, model: str | None = None, device: str = "cpu", ba
     ``wsiseg_python``: the interpreter for wsiseg's runs (default: this one); give TIAToolbox's to
     run both on the same torch build (wsiseg's dependencies are all present in that venv).
     """
+    tia_python = Path(tia_python)
+    if not tia_python.exists():
+        raise SystemExit(f"peer_tiatoolbox: {tia_python} not found: build TIAToolbox's venv first (see --help)")
+
+    def run_peer(path: str) -> dict:
+        return run_tia(Path(slide), path, tia_python, device, batch_size, tissue, tia_workers, threads, compile_mode)
+
+    res = side_by_side("tiatoolbox", run_peer, slide, model, device, batch_size, tissue, threads, repeat, model_only,
+                       wsiseg_python, {"tia_python": str(tia_python)})
+    res["tiatoolbox"]["infer_batch_fraction"] = statistics.median(r["infer_batch_fraction"]
+                                                                  for r in res["tiatoolbox_runs"])
+    return res
+
+
+def side_by_side(peer: str, run_peer, slide: str | Path, model: str | None, device: str, batch_size: int,
+                 tissue: bool, threads: int | None, repeat: int, model_only: bool,
+                 wsiseg_python: str | Path | None, extra: dict) -> dict:
+    """wsiseg's whole pipeline (``wsiseg.bench`` stage ``end_to_end``, a fresh process per run) and
+    ``run_peer(model_path) -> dict`` (tiles, tiles_per_second, seconds, peak_rss_mb,
+    rss_after_setup_mb, torch, output_bytes), ``repeat`` times each, alternating; medians of
+    tiles/s and seconds, the largest peak RSS, and the ratios wsiseg / ``peer``. ``model_only``: also
+    wsiseg's model-only ceiling on the same slide, and both engines' ratios to it."""
     from wsiseg.bench import machine, resolve_model_arg, run_stage_subprocess
     from wsiseg.models.registry import load_model, resolve_model_path
 
     slide = Path(slide)
-    tia_python = Path(tia_python)
-    if not tia_python.exists():
-        raise SystemExit(f"peer_tiatoolbox: {tia_python} not found: build TIAToolbox's venv first (see --help)")
-    res: dict = {"benchmark": "peer_tiatoolbox", "slide": str(slide), "slide_bytes": slide.stat().st_size,
+    res: dict = {"benchmark": f"peer_{peer}", "slide": str(slide), "slide_bytes": slide.stat().st_size,
                  "tile": 256, "stride": 128, "batch_size": batch_size, "device": device, "tissue_mask": tissue,
-                 "machine": machine(), "wsiseg_python": str(wsiseg_python or sys.executable),
-                 "tia_python": str(tia_python), "wsiseg_runs": [], "tiatoolbox_runs": []}
+                 "machine": machine(), "wsiseg_python": str(wsiseg_python or sys.executable), **extra,
+                 "wsiseg_runs": [], f"{peer}_runs": []}
     with tempfile.TemporaryDirectory(prefix="peer-model-") as mtmp:
         model = resolve_model_arg(model, mtmp)
-        path = resolve_model_path(model)  # the TIA side loads the same files
+        path = resolve_model_path(model)  # the peer loads the same files
         m = load_model(path)
         res["model"] = {"id": m.id, "path": str(path), "mpp": m.mpp, "classes": m.classes,
                         "parameters": sum(p.numel() for p in m.network.parameters())}
@@ -235,16 +254,15 @@ def compare(slide: str | Path, model: str | None = None, device: str = "cpu", ba
                                                             batch_size=batch_size, threads=threads, tissue=tissue,
                                                             python=wsiseg_python)
         for i in range(repeat):
-            for side in ("tiatoolbox", "wsiseg") if i % 2 == 0 else ("wsiseg", "tiatoolbox"):
-                print(f"peer_tiatoolbox: run {i + 1}/{repeat}: {side} ...", file=sys.stderr, flush=True)
+            for side in (peer, "wsiseg") if i % 2 == 0 else ("wsiseg", peer):
+                print(f"peer_{peer}: run {i + 1}/{repeat}: {side} ...", file=sys.stderr, flush=True)
                 if side == "wsiseg":
                     r = run_stage_subprocess("end_to_end", slide, str(path), device=device, batch_size=batch_size,
                                              threads=threads, tissue=tissue, python=wsiseg_python)
                 else:
-                    r = run_tia(slide, str(path), tia_python, device, batch_size, tissue, tia_workers, threads,
-                                compile_mode)
+                    r = run_peer(str(path))
                 res[f"{side}_runs"].append(r)
-                print(f"peer_tiatoolbox: {side}: {r['tiles']} tiles, {r['tiles_per_second']} tiles/s, "
+                print(f"peer_{peer}: {side}: {r['tiles']} tiles, {r['tiles_per_second']} tiles/s, "
                       f"peak RSS {r['peak_rss_mb']} MB", file=sys.stderr, flush=True)
 
     def summary(runs: list[dict]) -> dict:
@@ -253,24 +271,23 @@ def compare(slide: str | Path, model: str | None = None, device: str = "cpu", ba
                 "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
                 "rss_after_setup_mb": max(r["rss_after_setup_mb"] for r in runs)}
 
-    w, t = summary(res["wsiseg_runs"]), summary(res["tiatoolbox_runs"])
+    w, t = summary(res["wsiseg_runs"]), summary(res[f"{peer}_runs"])
     w["output_bytes"] = res["wsiseg_runs"][0].get("zarr_bytes")
     w["torch"] = res["wsiseg_runs"][0].get("torch")
-    t["torch"] = res["tiatoolbox_runs"][0].get("torch")
-    t["output_bytes"] = res["tiatoolbox_runs"][0].get("output_bytes")
-    t["infer_batch_fraction"] = statistics.median(r["infer_batch_fraction"] for r in res["tiatoolbox_runs"])
-    res["wsiseg"], res["tiatoolbox"] = w, t
-    res["wsiseg_tiles_per_second"], res["tiatoolbox_tiles_per_second"] = w["tiles_per_second"], t["tiles_per_second"]
-    res["wsiseg_peak_rss_mb"], res["tiatoolbox_peak_rss_mb"] = w["peak_rss_mb"], t["peak_rss_mb"]
+    t["torch"] = res[f"{peer}_runs"][0].get("torch")
+    t["output_bytes"] = res[f"{peer}_runs"][0].get("output_bytes")
+    res["wsiseg"], res[peer] = w, t
+    res["wsiseg_tiles_per_second"], res[f"{peer}_tiles_per_second"] = w["tiles_per_second"], t["tiles_per_second"]
+    res["wsiseg_peak_rss_mb"], res[f"{peer}_peak_rss_mb"] = w["peak_rss_mb"], t["peak_rss_mb"]
     res["ratios"] = {
-        "tiles_per_second_wsiseg_over_tiatoolbox": round(w["tiles_per_second"] / t["tiles_per_second"], 3),
-        "peak_rss_wsiseg_over_tiatoolbox": round(w["peak_rss_mb"] / t["peak_rss_mb"], 3),
-        "seconds_wsiseg_over_tiatoolbox": round(w["seconds"] / t["seconds"], 3),
+        f"tiles_per_second_wsiseg_over_{peer}": round(w["tiles_per_second"] / t["tiles_per_second"], 3),
+        f"peak_rss_wsiseg_over_{peer}": round(w["peak_rss_mb"] / t["peak_rss_mb"], 3),
+        f"seconds_wsiseg_over_{peer}": round(w["seconds"] / t["seconds"], 3),
     }
     if model_only:
         mo = res["wsiseg_model_only"]["tiles_per_second"]
         res["ratios"]["wsiseg_over_model_only"] = round(w["tiles_per_second"] / mo, 3)
-        res["ratios"]["tiatoolbox_over_model_only"] = round(t["tiles_per_second"] / mo, 3)
+        res["ratios"][f"{peer}_over_model_only"] = round(t["tiles_per_second"] / mo, 3)
     res["machine"]["load_average_end"] = machine()["load_average"]
     return res
 
