@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -200,8 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelError, SlideError, RuntimeError) as e:
         print(f"peer_monai: error: {e}", file=sys.stderr)
         return 1
-    res["monai"]["infer_batch_fraction"] = sorted(r["infer_batch_fraction"] for r in res["monai_runs"])[
-        len(res["monai_runs"]) // 2]
+    res["monai"]["infer_batch_fraction"] = statistics.median(r["infer_batch_fraction"] for r in res["monai_runs"])
     out = json.dumps(res, indent=2)
     print(out)
     if a.json:
