@@ -43,7 +43,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MONAI_PATH = REPO / ".peer-monai"
-SAMPLE = REPO / "wsiseg" / "data" / "CMU-1-Small-Region.svs"
 _TAG = "PEER_MONAI_RESULT "
 
 
@@ -153,15 +152,10 @@ def monai_child(slide: str, model: str, device: str = "cpu", batch_size: int = 8
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("slide", nargs="?", default=str(SAMPLE), help="default: the bundled CMU-1-Small-Region.svs")
-    ap.add_argument("--model", default=None, help="shipped name, NAME.safetensors path or 'untrained' (timing only)")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads for both (default: all cores)")
-    ap.add_argument("--all-tiles", action="store_true", help="no tissue mask for either engine")
-    ap.add_argument("--repeat", type=int, default=1, help="runs per engine, alternating (medians reported)")
-    ap.add_argument("--no-model-only", action="store_true", help="skip wsiseg's model-only ceiling")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from peer_tiatoolbox import peer_arguments, side_by_side
+
+    ap = peer_arguments(__doc__.split("\n\n")[0])
     ap.add_argument("--merger", default="ZarrAvgMerger", choices=["ZarrAvgMerger", "AvgMerger"],
                     help="MONAI's merger (AvgMerger: the whole map in memory)")
     ap.add_argument("--monai-channels-last", action="store_true", help="channels_last network and batches for MONAI")
@@ -180,8 +174,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"peer_monai: monai not found in {a.monai_path}: pip install --no-deps --target {a.monai_path} "
               "monai==1.6.1", file=sys.stderr)
         return 1
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from peer_tiatoolbox import side_by_side
     from wsiseg.bench import run_tagged
     from wsiseg.models.registry import ModelError
     from wsiseg.slide import SlideError

@@ -292,8 +292,9 @@ def side_by_side(peer: str, run_peer, slide: str | Path, model: str | None, devi
     return res
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def peer_arguments(description: str) -> argparse.ArgumentParser:
+    """The options both peer scripts take (slide, model, device, batch, threads, tissue, repeats)."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("slide", nargs="?", default=str(SAMPLE), help="default: the bundled CMU-1-Small-Region.svs")
     ap.add_argument("--model", default=None, help="shipped name, NAME.safetensors path or 'untrained' (timing only)")
     ap.add_argument("--device", default="cpu")
@@ -302,6 +303,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--all-tiles", action="store_true", help="no tissue mask for either engine")
     ap.add_argument("--repeat", type=int, default=1, help="runs per engine, alternating (medians reported)")
     ap.add_argument("--no-model-only", action="store_true", help="skip wsiseg's model-only ceiling")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = peer_arguments(__doc__.split("\n\n")[0])
     ap.add_argument("--tia-python", default=str(DEFAULT_TIA_PYTHON), help="python of TIAToolbox's venv")
     ap.add_argument("--tia-workers", type=int, default=0, help="TIAToolbox DataLoader workers (its default: 0)")
     ap.add_argument("--tia-compile-mode", default=None,
