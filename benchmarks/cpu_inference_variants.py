@@ -3,7 +3,10 @@
     python benchmarks/cpu_inference_variants.py --json benchmarks/results/cpu_inference_variants.json
 
 Variants: eager NCHW; eager channels_last; BatchNorm folded into the convolutions (wsiseg's Predictor) +
-channels_last; TorchScript frozen with ``optimize_for_inference`` (oneDNN fusions) + channels_last.
+channels_last; TorchScript frozen with ``optimize_for_inference`` (oneDNN fusions) + channels_last;
+OpenVINO on the folded network fed NHWC (``wsiseg run --backend openvino``; when ``openvino`` is
+installed); ONNX Runtime on the folded network (when ``onnxruntime`` and ``onnx`` are installed; for
+reference, not a wsiseg backend).
 Each is checked against eager NCHW (max abs difference of the probabilities) before timing.
 """
 from __future__ import annotations
@@ -61,6 +64,27 @@ def main() -> None:
             traced = torch.jit.trace(copy.deepcopy(net).to(memory_format=torch.channels_last), x_cl)
             frozen = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
         variants["torchscript_frozen_channels_last"] = (frozen, x_cl)
+        try:  # wsiseg's --backend openvino (needs pip install 'wsiseg[openvino]')
+            from wsiseg.predict import OpenVINONet
+
+            variants["openvino_bn_folded_nhwc"] = (OpenVINONet(fold_batchnorm(net), torch.get_num_threads()), x_cl)
+        except ValueError as e:
+            print(f"openvino: skipped ({e})")
+        try:  # ONNX Runtime on the same folded network, for reference (not a wsiseg backend)
+            import tempfile
+
+            import onnxruntime as ort
+
+            with tempfile.TemporaryDirectory() as tmp:
+                torch.onnx.export(fold_batchnorm(net), (x_nchw,), f"{tmp}/m.onnx", input_names=["x"], dynamo=False,
+                                  dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}})
+                so = ort.SessionOptions()
+                so.intra_op_num_threads, so.inter_op_num_threads = torch.get_num_threads(), 1
+                sess = ort.InferenceSession(f"{tmp}/m.onnx", so, providers=["CPUExecutionProvider"])
+            variants["onnxruntime_bn_folded_nchw"] = (
+                lambda x: torch.from_numpy(sess.run(None, {"x": x.contiguous().numpy()})[0]), x_nchw)
+        except ImportError as e:
+            print(f"onnxruntime: skipped ({e})")
         for name, (fn, x) in variants.items():
             diff = float((torch.sigmoid(fn(x)) - ref).abs().max())
             dt = timeit(fn, x, a.reps)

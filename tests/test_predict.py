@@ -1,6 +1,8 @@
 """The predictor's speed-ups keep the network's outputs."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -230,3 +232,51 @@ def test_blending_on_the_gpu_writes_the_bytes_of_blending_on_the_host(tmp_path, 
     for key, levels in maps.items():
         for a, b in zip(levels, maps[False, False]):
             np.testing.assert_array_equal(a, b, err_msg=str(key))
+
+
+def test_openvino_backend_gives_the_torch_probabilities(monuseg_image):
+    """The shipped default model compiled by OpenVINO: the same probabilities (x window, into a
+    buffer) as torch on real tiles, with and without test-time augmentation; bad backends refused."""
+    pytest.importorskip("openvino")
+    from wsiseg.blend import window
+    from wsiseg.models.registry import load_model
+
+    model = load_model()
+    tiles = np.stack([monuseg_image[y : y + 256, x : x + 256] for y, x in [(0, 0), (300, 500), (744, 744)]])
+    w = window(256)
+    for tta in ("none", "flips"):
+        ref = Predictor(model, "cpu", threads=1, tta=tta)(tiles, weight=w)
+        ov = Predictor(model, "cpu", threads=1, tta=tta, backend="openvino")
+        assert ov.backend == "openvino"
+        out = np.full(ref.shape, np.nan, np.float32)
+        assert ov(tiles, weight=w, out=out) is out
+        assert ref.shape == (3, 5, 256, 256) and ref.std() > 0.05  # real, varied maps
+        np.testing.assert_allclose(out, ref, atol=2e-5, rtol=0)
+    # a tile size other than the traced one, and a batch of one
+    small = monuseg_image[None, 100:228, 200:392]
+    ov = Predictor(model, "cpu", threads=1, backend="openvino")
+    np.testing.assert_allclose(ov(small), Predictor(model, "cpu", threads=1)(small), atol=2e-5, rtol=0)
+    with pytest.raises(ValueError, match="unknown backend"):
+        Predictor(model, "cpu", backend="onnx")
+
+
+def test_run_with_the_openvino_backend_writes_the_torch_map(tmp_path, monuseg_image):
+    """`wsiseg run --backend openvino` end to end on a real image: the stored uint8 map is the
+    torch backend's within one quantisation step, and the summary is complete."""
+    pytest.importorskip("openvino")
+    import zarr
+
+    from tests.conftest import write_png
+    from wsiseg.cli import main
+
+    img = write_png(tmp_path / "patch.png", monuseg_image[:600, :520])
+    maps = {}
+    for backend in ("torch", "openvino"):
+        out = tmp_path / backend
+        assert main(["run", "-q", str(img), "--mpp", "0.5", "--no-cellularity", "--backend", backend, "-o", str(out)]) == 0
+        summary = json.loads((out / "patch" / "summary.json").read_text())
+        assert summary["complete"] is True and summary["tiles_inferred_this_run"] > 0
+        maps[backend] = zarr.open_group(str(out / "patch" / "probabilities.zarr"), mode="r")["0"][:]
+    a, b = (maps[k].astype(np.int16) for k in ("torch", "openvino"))
+    assert a.shape == b.shape and a.max() > 200
+    assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.01

@@ -187,3 +187,45 @@ def test_lambda_bce_dice_mixes_bce_and_dice():
     # registered under new names, the old ones unchanged
     assert LOSSES["weighted_ce_dice"] is weighted_ce_dice and LOSSES["lambda_bce_dice"] is lambda_bce_dice
     assert LOSSES["bce_dice"] is bce_dice_loss and "rakhlin" in LOSSES and "maskrcnn" in LOSSES
+
+
+def test_lambda_bce_dice_with_border_weights():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 2, 16, 16, generator=g, requires_grad=True)
+    target = (torch.rand(2, 2, 16, 16, generator=g) > 0.5).float()
+    plain = lambda_bce_dice(logits, target)
+    assert lambda_bce_dice(logits, target, weight=torch.ones_like(target)).item() == pytest.approx(plain.item(), rel=1e-6)
+    w = torch.ones_like(target)
+    w[:, 1, :4] = 10  # heavy rows in the marker channel only
+    heavy = lambda_bce_dice(logits, target, weight=w)
+    assert heavy.item() > plain.item()
+    heavy.backward()
+    gm = logits.grad[:, 1].abs()
+    assert gm[:, :4].mean() > 3 * gm[:, 4:].mean()
+    assert logits.grad[:, 0, :4].abs().mean() < 2 * logits.grad[:, 0, 4:].abs().mean()  # mask unweighted
+    with pytest.raises(ValueError, match="shape"):
+        lambda_bce_dice(logits, target, weight=w[:, :1])
+
+
+def test_mask_marker_weights_target_on_real_nuclei(monuseg_instances):
+    from types import SimpleNamespace
+
+    from wsiseg.train.loop import TARGETS, TrainConfig, _target_of
+
+    inst = monuseg_instances[:400, :400]
+    s = SimpleNamespace(name="breast", mask=(inst > 0).astype(np.uint8), instances=inst)
+    cfg = TrainConfig(id="t", target="mask_marker_weights",
+                      target_kwargs={"ratio": 0.5, "min_erosion": 1.0, "w0": 5.0, "sigma": 2.5})
+    t = _target_of(s, cfg)
+    assert t.shape == (400, 400, 4) and t.dtype == np.float32
+    assert TARGETS["mask_marker_weights"] == ("nucleus", "marker")
+    np.testing.assert_array_equal(t[..., 0], inst > 0)
+    np.testing.assert_array_equal(t[..., 1], shape_markers(inst, 0.5, 1.0))
+    # the mask's weights: U-Net's map of the nuclei without class balancing (1 + the border term)
+    np.testing.assert_allclose(t[..., 2], border_weight_map(inst, 5.0, 2.5, class_weights=None))
+    assert t[..., 2][inst > 0].max() == 1.0 and t[..., 2].max() > 3.0
+    # the marker's weights come from the markers: heavy on nucleus pixels between touching markers
+    markers = t[..., 1] > 0
+    between = (inst > 0) & ~markers & (t[..., 3] > 3.0)
+    assert between.sum() > 10 and t[..., 3][markers].max() == 1.0
+    assert cfg.target_kwargs["w0"] == 5.0  # the config is not consumed

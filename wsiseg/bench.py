@@ -293,7 +293,7 @@ def stage_read_only(slide: Path, model, cfg, **_: Any) -> dict:
 
 
 def stage_model_only(slide: Path, model, cfg, device: str = "cpu", threads: int | None = None,
-                     min_seconds: float = 10.0, max_batches: int = 1000, **_: Any) -> dict:
+                     min_seconds: float = 10.0, max_batches: int = 1000, backend: str = "torch", **_: Any) -> dict:
     """The Predictor alone on batches of real tissue tiles from the slide (after 2 warm-up batches)
     until ``min_seconds`` have passed (at least 3 batches, at most ``max_batches``)."""
     import numpy as np
@@ -312,7 +312,7 @@ def stage_model_only(slide: Path, model, cfg, device: str = "cpu", threads: int 
         tiles += tiles
     batches = [np.stack([tiles[(b * cfg.batch_size + j) % len(tiles)] for j in range(cfg.batch_size)])
                for b in range(max(1, len(tiles) // cfg.batch_size))]
-    predictor = Predictor(model, device, threads=threads)
+    predictor = Predictor(model, device, threads=threads, backend=backend)
     for i in range(2):
         predictor(batches[i % len(batches)])
     timer = _gpu_start(predictor)
@@ -330,11 +330,11 @@ def stage_model_only(slide: Path, model, cfg, device: str = "cpu", threads: int 
     return out
 
 
-def _run_pipeline(slide: Path, model, cfg, device: str, threads: int | None) -> dict:
+def _run_pipeline(slide: Path, model, cfg, device: str, threads: int | None, backend: str = "torch") -> dict:
     from wsiseg.pipeline import run_slide
     from wsiseg.predict import Predictor
 
-    predictor = Predictor(model, device, threads=threads)
+    predictor = Predictor(model, device, threads=threads, backend=backend)
     timer = _gpu_start(predictor)
     with tempfile.TemporaryDirectory(prefix="wsiseg-bench-") as tmp:
         res = run_slide(slide, Path(tmp) / "out", predictor, cfg)
@@ -354,22 +354,25 @@ def _run_pipeline(slide: Path, model, cfg, device: str, threads: int | None) -> 
 
 
 def stage_blend_write_only(slide: Path, model, cfg, device: str = "cpu", threads: int | None = None, **_: Any) -> dict:
-    """run_slide with a network that has no learned compute (see :func:`identity_model`)."""
+    """run_slide with a network that has no learned compute (see :func:`identity_model`), on the
+    torch backend whatever ``backend`` the other stages use (there is no network to compile)."""
     return _run_pipeline(slide, identity_model(model), cfg, device, threads)
 
 
-def stage_end_to_end(slide: Path, model, cfg, device: str = "cpu", threads: int | None = None, **_: Any) -> dict:
+def stage_end_to_end(slide: Path, model, cfg, device: str = "cpu", threads: int | None = None,
+                     backend: str = "torch", **_: Any) -> dict:
     """run_slide with the real model, as ``wsiseg run`` does it."""
-    return _run_pipeline(slide, model, cfg, device, threads)
+    return _run_pipeline(slide, model, cfg, device, threads, backend)
 
 
-def stage_features(slide: Path, model, cfg, device: str = "cpu", threads: int | None = None, **_: Any) -> dict:
+def stage_features(slide: Path, model, cfg, device: str = "cpu", threads: int | None = None,
+                   backend: str = "torch", **_: Any) -> dict:
     """The cellularity stage on the slide's finished map (made first, untimed): windows/s."""
     from wsiseg.pipeline import run_slide
     from wsiseg.predict import Predictor
     from wsiseg.scoring import score_map
 
-    predictor = Predictor(model, device, threads=threads)
+    predictor = Predictor(model, device, threads=threads, backend=backend)
     with tempfile.TemporaryDirectory(prefix="wsiseg-bench-") as tmp:
         out = Path(tmp) / "out"
         run_slide(slide, out, predictor, cfg)
@@ -397,7 +400,7 @@ _STAGE_FUNCS: dict[str, Callable[..., dict]] = {
 def run_stage(stage: str, slide: str | Path, model: str | None = None, device: str = "cpu", batch_size: int = 8,
               tile: int = 256, overlap: float = 0.5, workers: int = 2, threads: int | None = None,
               tissue: bool = True, model_seconds: float = 10.0, blend_thread: str = "auto",
-              blend_on_device: bool = False) -> dict:
+              blend_on_device: bool = False, backend: str = "torch") -> dict:
     """One stage in this process; adds ``peak_rss_mb`` (this process's peak so far) and
     ``rss_after_setup_mb`` (the peak after imports and model loading, before the stage)."""
     import torch  # imports (torch, and the pipeline's below) count as setup, as for run_slide
@@ -416,7 +419,8 @@ def run_stage(stage: str, slide: str | Path, model: str | None = None, device: s
                     blend_on_device=blend_on_device)
     before = _rss_mb()
     cpu0 = time.process_time()
-    res = _STAGE_FUNCS[stage](Path(slide), m, cfg, device=device, threads=threads, min_seconds=model_seconds)
+    res = _STAGE_FUNCS[stage](Path(slide), m, cfg, device=device, threads=threads, min_seconds=model_seconds,
+                              backend=backend)
     cpu = time.process_time() - cpu0
     after = _rss_mb()
     # CPU time of all the process's threads over the stage (setup included): on a shared machine
@@ -434,7 +438,7 @@ def run_stage_subprocess(stage: str, slide: str | Path, model: str | None = None
                          batch_size: int = 8, tile: int = 256, overlap: float = 0.5, workers: int = 2,
                          threads: int | None = None, tissue: bool = True, model_seconds: float = 10.0,
                          python: str | None = None, timeout: float | None = None, blend_thread: str = "auto",
-                         blend_on_device: bool = False) -> dict:
+                         blend_on_device: bool = False, backend: str = "torch") -> dict:
     """:func:`run_stage` in a fresh Python process, so the peak RSS is the stage's own."""
     cmd = [python or sys.executable, "-m", "wsiseg.bench", "--child-stage", stage, str(slide), "--device", device,
            "--batch-size", str(batch_size), "--tile", str(tile), "--overlap", str(overlap), "--workers", str(workers),
@@ -446,6 +450,7 @@ def run_stage_subprocess(stage: str, slide: str | Path, model: str | None = None
     if not tissue:
         cmd += ["--no-tissue-mask"]
     cmd += ["--blend-thread", blend_thread] + (["--blend-on-device"] if blend_on_device else [])
+    cmd += ["--backend", backend]
     return run_tagged(cmd, _RESULT_TAG, f"bench stage {stage}", timeout)
 
 
@@ -510,7 +515,7 @@ def bench(slide_path: str | Path, model: str | None = None, device: str = "cpu",
           overlap: float = 0.5, out_json: str | Path | None = None, *, stages: tuple[str, ...] = STAGES,
           workers: int = 2, threads: int | None = None, tissue: bool = True, model_seconds: float = 10.0,
           isolate: bool = True, verbose: bool = True, blend_thread: str = "auto",
-          blend_on_device: bool = False) -> dict:
+          blend_on_device: bool = False, backend: str = "torch") -> dict:
     """Measure every stage on ``slide_path``; return (and write to ``out_json``) the results.
 
     ``model``: a shipped name, a ``.safetensors`` path, ``None`` (the default model) or
@@ -527,14 +532,14 @@ def bench(slide_path: str | Path, model: str | None = None, device: str = "cpu",
             "benchmark": "wsiseg.bench", "slide": _slide_info(slide, model), "device": dev, "batch_size": batch_size,
             "tile": tile, "overlap": overlap, "workers": workers, "threads": threads, "tissue_mask": tissue,
             "isolated_processes": isolate, "blend_thread": blend_thread,
-            "blend_on_device": blend_on_device, "machine": machine(), "stages": {},
+            "blend_on_device": blend_on_device, "backend": backend, "machine": machine(), "stages": {},
         }
         for st in stages:
             if st not in _STAGE_FUNCS:
                 raise ValueError(f"unknown stage {st!r}; known: {', '.join(STAGES)}")
             kw = dict(model=model, device=dev, batch_size=batch_size, tile=tile, overlap=overlap, workers=workers,
                       threads=threads, tissue=tissue, model_seconds=model_seconds, blend_thread=blend_thread,
-                      blend_on_device=blend_on_device)
+                      blend_on_device=blend_on_device, backend=backend)
             if verbose:
                 print(f"bench: {st} ...", file=sys.stderr, flush=True)
             r = run_stage_subprocess(st, slide, **kw) if isolate else run_stage(st, slide, **kw)
@@ -582,6 +587,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="blend each batch in a thread beside the next batch's inference (auto: on with CUDA)")
     p.add_argument("--blend-on-device", action="store_true",
                    help="blend on the GPU (accumulators there, uint8 blocks copied back)")
+    p.add_argument("--backend", default="torch", choices=["torch", "openvino"],
+                   help="the network's runtime on the CPU: torch (eager) or openvino (same weights; wsiseg[openvino])")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument("--model-seconds", type=float, default=10.0, help="how long model_only runs (after warm-up)")
     p.add_argument("--in-process", action="store_true", help="all stages in this process (peak RSS cumulative)")
@@ -603,14 +610,15 @@ def run_args(a: argparse.Namespace) -> int:
     try:
         if a.child_stage:
             res = run_stage(a.child_stage, a.slide, a.model, a.device, a.batch_size, a.tile, a.overlap, a.workers,
-                            a.threads, not a.no_tissue_mask, a.model_seconds, a.blend_thread, a.blend_on_device)
+                            a.threads, not a.no_tissue_mask, a.model_seconds, a.blend_thread, a.blend_on_device,
+                            a.backend)
             print(_RESULT_TAG + json.dumps(res), flush=True)
             return 0
         stages = tuple(s.strip() for s in a.stages.split(",") if s.strip())
         bench(a.slide, a.model, a.device, a.batch_size, a.tile, a.overlap, a.json, stages=stages, workers=a.workers,
               threads=a.threads, tissue=not a.no_tissue_mask, model_seconds=a.model_seconds,
               isolate=not a.in_process, blend_thread=a.blend_thread,
-              blend_on_device=a.blend_on_device)
+              blend_on_device=a.blend_on_device, backend=a.backend)
     except (SlideError, ModelError, ValueError) as e:
         print(f"wsiseg bench: error: {e}", file=sys.stderr)
         return 2

@@ -54,7 +54,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"wsiseg: error: {e}", file=sys.stderr)
     try:
         model = load_model(args.model)
-        predictor = Predictor(model, args.device, threads=args.threads, tta=args.tta)
+        predictor = Predictor(model, args.device, threads=args.threads, tta=args.tta, backend=args.backend)
         cfg = RunConfig(tile=args.tile, overlap=args.overlap, batch_size=args.batch_size, workers=args.workers,
                         mpp=args.mpp, overwrite=args.overwrite, window=args.window, tissue=not args.no_tissue_mask,
                         cellularity=not args.no_cellularity, cell_window=args.cell_window,
@@ -156,7 +156,8 @@ def _run_cluster(args: argparse.Namespace, files: list[Path], out_root: Path, cf
     with client:
         if args.split:
             for f, o in jobs:
-                runner = split_band_runner(client, f, o, model, args.device, cfg, args.split, args.threads, args.tta)
+                runner = split_band_runner(client, f, o, model, args.device, cfg, args.split, args.threads, args.tta,
+                                            args.backend)
                 try:
                     res = run_slide(f, o, predictor, cfg, band_runner=runner)
                 except SlideError as e:
@@ -165,7 +166,7 @@ def _run_cluster(args: argparse.Namespace, files: list[Path], out_root: Path, cf
                     continue
                 _report(f, res.status, res.message, res.summary, res.out_dir)
             return failed
-        for r in run_distributed(client, jobs, model, args.device, cfg, args.threads, args.tta):
+        for r in run_distributed(client, jobs, model, args.device, cfg, args.threads, args.tta, args.backend):
             if r["status"] == "error":
                 print(f"wsiseg: error: {r['message']}", file=sys.stderr)
                 failed += 1
@@ -262,7 +263,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(f"wsiseg: error: {e}", file=sys.stderr)
             return EXIT_USAGE
         print(f"evaluating {model.id} on {args.data} (validation split) ...", file=sys.stderr)
-        res = evaluate_monuseg(Predictor(model, args.device, tta=args.tta), args.data, names=args.image or MONUSEG_VAL,
+        try:
+            predictor = Predictor(model, args.device, tta=args.tta, backend=args.backend)
+        except ValueError as e:
+            print(f"wsiseg: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        res = evaluate_monuseg(predictor, args.data, names=args.image or MONUSEG_VAL,
                                post=postprocess_config(model.meta), tune=args.tune)
         results.append(res)
         print(f"{'image':32s} {'Dice@model':>10s} {'Dice@native':>11s} {'AJI':>7s}")
@@ -325,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     r.add_argument("--tta", default="none", choices=["none", "flips", "d4"],
                    help="test-time augmentation: mean probability over 4 flips or the 8 rotations/flips of each tile (4x or 8x the model's time)")
+    r.add_argument("--backend", default="torch", choices=["torch", "openvino"],
+                   help="the network's runtime on the CPU: torch (eager) or openvino (the same weights compiled "
+                        "by OpenVINO; pip install 'wsiseg[openvino]')")
     r.add_argument("--blend-thread", default="auto", choices=["auto", "on", "off"],
                    help="blend each batch in a thread while the next is inferred (auto: on with CUDA, off on CPU)")
     r.add_argument("--blend-on-device", action="store_true",
@@ -368,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--tta", default="none", choices=["none", "flips", "d4"],
                    help="test-time augmentation (as wsiseg run --tta)")
+    e.add_argument("--backend", default="torch", choices=["torch", "openvino"], help="as wsiseg run --backend")
     e.add_argument("--json", default=None, help="write the metrics here")
     e.set_defaults(func=cmd_eval)
 

@@ -22,22 +22,22 @@ from wsiseg.pipeline import RunConfig
 
 
 @lru_cache(maxsize=2)
-def _predictor(model: str | None, device: str, threads: int, tta: str = "none"):
-    """One predictor per worker process and (model, device, test-time augmentation)."""
+def _predictor(model: str | None, device: str, threads: int, tta: str = "none", backend: str = "torch"):
+    """One predictor per worker process and (model, device, test-time augmentation, backend)."""
     from wsiseg.models import load_model
     from wsiseg.predict import Predictor
 
-    return Predictor(load_model(model), device, threads=threads, tta=tta)
+    return Predictor(load_model(model), device, threads=threads, tta=tta, backend=backend)
 
 
 def slide_task(path: str, out_dir: str, model: str | None, device: str, cfg: dict, threads: int,
-               tta: str = "none") -> dict:
+               tta: str = "none", backend: str = "torch") -> dict:
     """Run one slide on a worker. Bad input is a result ({'status': 'error'}), not an exception."""
     from wsiseg.pipeline import run_slide
     from wsiseg.slide import SlideError
 
     try:
-        res = run_slide(path, out_dir, _predictor(model, device, threads, tta), RunConfig(**cfg))
+        res = run_slide(path, out_dir, _predictor(model, device, threads, tta, backend), RunConfig(**cfg))
     except SlideError as e:
         return {"path": path, "out_dir": out_dir, "status": "error", "message": str(e), "summary": {}}
     return {"path": path, "out_dir": out_dir, "status": res.status, "message": res.message, "summary": res.summary}
@@ -63,14 +63,14 @@ def make_client(cluster: str | None = None, scheduler: str | None = None):
 
 
 def run_distributed(client, jobs: list[tuple[Path, Path]], model: str | None, device: str, cfg: RunConfig,
-                    threads: int | None = None, tta: str = "none") -> Iterator[dict]:
+                    threads: int | None = None, tta: str = "none", backend: str = "torch") -> Iterator[dict]:
     """Submit one task per (input, out_dir); yield each result dict as it completes."""
     from distributed import as_completed
 
     n_workers = max(1, len(client.scheduler_info().get("workers", {})) or 1)
     threads = threads or max(1, (os.cpu_count() or 1) // n_workers)
     futures = [
-        client.submit(slide_task, str(p), str(o), model, device, asdict(cfg), threads, tta,
+        client.submit(slide_task, str(p), str(o), model, device, asdict(cfg), threads, tta, backend,
                       key=f"wsiseg-slide-{i}-{p.name}", pure=False)
         for i, (p, o) in enumerate(jobs)
     ]
@@ -79,7 +79,7 @@ def run_distributed(client, jobs: list[tuple[Path, Path]], model: str | None, de
 
 
 def region_task(path: str, out_dir: str, model: str | None, device: str, cfg: dict, threads: int,
-                b0: int, b1: int, tta: str = "none") -> dict:
+                b0: int, b1: int, tta: str = "none", backend: str = "torch") -> dict:
     """Infer and write level-0 bands [b0, b1) of a slide whose store the coordinator created.
 
     Progress of the range is kept in ``progress-bands-B0-B1.json``, so a re-run task (its
@@ -90,7 +90,7 @@ def region_task(path: str, out_dir: str, model: str | None, device: str, cfg: di
     from wsiseg.store import ProbabilityStore
 
     cfg_ = RunConfig(**cfg)
-    pred = _predictor(model, device, threads, tta)
+    pred = _predictor(model, device, threads, tta, backend)
     out = Path(out_dir)
     part = out / f"progress-bands-{b0}-{b1}.json"
     first = b0
@@ -107,7 +107,8 @@ def region_task(path: str, out_dir: str, model: str | None, device: str, cfg: di
 
 
 def split_band_runner(client, path: Path, out_dir: Path, model: str | None, device: str, cfg: RunConfig,
-                      parts: int, threads: int | None = None, tta: str = "none") -> Callable[[int, int], dict]:
+                      parts: int, threads: int | None = None, tta: str = "none",
+                      backend: str = "torch") -> Callable[[int, int], dict]:
     """A ``band_runner`` for :func:`wsiseg.pipeline.run_slide` that spreads band ranges over workers."""
     n_workers = max(1, len(client.scheduler_info().get("workers", {})) or 1)
     threads = threads or max(1, (os.cpu_count() or 1) // n_workers)
@@ -115,7 +116,7 @@ def split_band_runner(client, path: Path, out_dir: Path, model: str | None, devi
     def runner(first_band: int, n_bands: int) -> dict:
         edges = [first_band + round(i * (n_bands - first_band) / parts) for i in range(parts + 1)]
         ranges = [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
-        futs = [client.submit(region_task, str(path), str(out_dir), model, device, asdict(cfg), threads, a, b, tta,
+        futs = [client.submit(region_task, str(path), str(out_dir), model, device, asdict(cfg), threads, a, b, tta, backend,
                               key=f"wsiseg-region-{path.name}-{a}-{b}", pure=False) for a, b in ranges]
         stats: dict = {}
         for st in client.gather(futs):

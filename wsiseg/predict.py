@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from contextlib import contextmanager
 
 import cv2
@@ -60,6 +61,48 @@ def _one_thread(numel: int):
         yield
     finally:
         torch.set_num_threads(n)
+
+
+BACKENDS = ("torch", "openvino")
+
+
+class OpenVINONet(torch.nn.Module):
+    """A network compiled by OpenVINO for the CPU, called like the torch module it came from.
+
+    The module (BatchNorm folded) is converted in memory by ``openvino.convert_model`` (traced,
+    nothing written, no file loaded), with dynamic batch and tile size, the input declared NHWC
+    (the normalised tiles' own layout: OpenVINO transposes inside the graph) and float32
+    inference forced (``INFERENCE_PRECISION_HINT``: on CPUs with bfloat16 units OpenVINO would
+    otherwise lower the precision). ``forward`` takes an NCHW tensor of any memory layout (a
+    channels_last view is passed without a copy) and returns the float32 logits as an NCHW
+    tensor. Needs the ``openvino`` package (``pip install 'wsiseg[openvino]'``)."""
+
+    def __init__(self, net: torch.nn.Module, threads: int, in_channels: int = 3):
+        super().__init__()
+        try:
+            import openvino as ov
+        except ImportError as e:
+            raise ValueError("--backend openvino needs the openvino package: pip install 'wsiseg[openvino]'") from e
+        try:
+            with warnings.catch_warnings():  # OpenVINO traces with torch.jit.trace, which torch deprecates
+                warnings.simplefilter("ignore", FutureWarning)
+                model = ov.convert_model(net.eval(), example_input=torch.zeros(1, in_channels, 64, 64),
+                                         input=[ov.PartialShape([-1, in_channels, -1, -1])])
+        except Exception as e:  # OpenVINO's conversion errors have no common base class
+            raise ValueError(f"OpenVINO cannot convert {type(net).__name__} ({str(e).strip().splitlines()[-1]}); "
+                             "use --backend torch") from e
+        ppp = ov.preprocess.PrePostProcessor(model)
+        ppp.input().tensor().set_layout(ov.Layout("NHWC"))
+        ppp.input().model().set_layout(ov.Layout("NCHW"))
+        self.compiled = ov.Core().compile_model(ppp.build(), "CPU", {
+            "INFERENCE_NUM_THREADS": int(threads), "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_PRECISION_HINT": "f32"})
+        self._request = self.compiled.create_infer_request()
+        self._output = self.compiled.output(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = x.detach().permute(0, 2, 3, 1).contiguous().float().numpy()  # NHWC (no copy if channels_last)
+        return torch.from_numpy(self._request.infer({0: a})[self._output])
 
 
 TTA_MODES = {
@@ -126,17 +169,27 @@ class Predictor:
     e.g. the I/O benchmark's stand-in network) has its activation computed once per map.
     ``tta``: ``flips`` or ``d4`` average the probabilities over 4 or 8 flips/rotations of each
     tile (:class:`TestTimeAugmentation`), at 4 or 8 times the network's cost.
+    ``backend``: ``torch`` (eager) or, on the CPU, ``openvino`` (:class:`OpenVINONet`: the same
+    weights compiled by OpenVINO; everything around the network is unchanged).
     """
 
-    def __init__(self, model: LoadedModel, device: str = "auto", threads: int | None = None, tta: str = "none"):
+    def __init__(self, model: LoadedModel, device: str = "auto", threads: int | None = None, tta: str = "none",
+                 backend: str = "torch"):
         self.model = model
         self.device = resolve_device(device)
         if tta not in TTA_MODES:
             raise ValueError(f"unknown test-time augmentation {tta!r}; use none, flips or d4")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; use {' or '.join(BACKENDS)}")
+        if backend == "openvino" and self.device.type != "cpu":
+            raise ValueError("--backend openvino runs on the CPU; use --device cpu (or the torch backend on CUDA)")
         self.tta = tta
+        self.backend = backend
         if self.device.type == "cpu":
             torch.set_num_threads(threads or os.cpu_count() or 1)
         net = fold_batchnorm(model.network)
+        if backend == "openvino":
+            net = OpenVINONet(net, torch.get_num_threads())
         if tta != "none":
             net = TestTimeAugmentation(net, tta, model.activation)
         self.net = net.to(self.device).to(memory_format=torch.channels_last).eval()

@@ -7,6 +7,9 @@ The seeds' model zoo trains through the same loop, chosen by the config's ``targ
 * ``mask`` (default): the binary nucleus mask (seed 000), any 1-channel model.
 * ``mask_weights``: mask + U-Net border weight map (seed 001, ``loss: weighted_ce_dice``).
 * ``mask_marker``: mask + USE-Net shape marker, 2 output channels (seed 002, ``lambda_bce_dice``).
+* ``mask_marker_weights``: the same 2 outputs, each channel's BCE weighted by a U-Net border
+  weight map (seed 001's term: of the nuclei for the mask, of the markers for the marker), so the
+  gaps between touching nuclei and between their markers weigh more (``lambda_bce_dice``).
 * ``instances``: Mask R-CNN boxes/labels/masks from the MoNuSeg instance map of each crop
   (seeds 001, 004; ``architecture: maskrcnn``, ``loss: maskrcnn``).
 * ``class_points``: seed 003's weak labels, 15 px discs at nucleus centroids in the channels
@@ -332,6 +335,7 @@ TARGETS = {
     "mask": ("nucleus",),
     "mask_weights": ("nucleus",),
     "mask_marker": ("nucleus", "marker"),
+    "mask_marker_weights": ("nucleus", "marker"),
     "instances": ("nucleus",),
     "class_points": ("normal", "lymphocyte", "malignant", "background"),
 }
@@ -364,6 +368,13 @@ def _target_of(s, cfg: TrainConfig) -> np.ndarray:
         return np.stack([s.mask.astype(np.float32), border_weight_map(s.instances, **kw)], -1)
     if cfg.target == "mask_marker":
         return np.stack([s.mask, shape_markers(s.instances, **kw)], -1).astype(np.uint8)
+    if cfg.target == "mask_marker_weights":
+        # ratio / min_erosion to the markers, w0 / sigma (px at the training mpp) to both weight maps
+        wkw = {k: kw.pop(k) for k in ("w0", "sigma") if k in kw}
+        markers = shape_markers(s.instances, labels=True, **kw)
+        return np.stack([s.mask.astype(np.float32), (markers > 0).astype(np.float32),
+                         border_weight_map(s.instances, class_weights=None, **wkw),
+                         border_weight_map(markers, class_weights=None, **wkw)], -1)
     if cfg.target == "instances":
         return s.instances.astype(np.int32)
     raise ValueError(f"unknown target {cfg.target!r}")
@@ -445,6 +456,8 @@ def _batch_loss(cfg: TrainConfig, net, loss_fn, imgs, tgts, mean, std, device) -
         return loss_fn(logits, y)
     if cfg.target == "mask_weights":
         return loss_fn(logits, y[:, :1], y[:, 1:2], **kw)
+    if cfg.target == "mask_marker_weights":
+        return loss_fn(logits, y[:, :2], weight=y[:, 2:4], **kw)
     return loss_fn(logits, y, **kw)
 
 

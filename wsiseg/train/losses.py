@@ -86,10 +86,19 @@ def weighted_ce_dice(logits: torch.Tensor, target: torch.Tensor, weight: torch.T
     return wce + (1 - dice)
 
 
-def lambda_bce_dice(logits: torch.Tensor, target: torch.Tensor, lam: float = 0.5, smooth: float = 1.0) -> torch.Tensor:
+def lambda_bce_dice(logits: torch.Tensor, target: torch.Tensor, lam: float = 0.5, smooth: float = 1.0,
+                    weight: torch.Tensor | None = None) -> torch.Tensor:
     """Seed 002, eq. 3: ``lambda * BCE + (1 - lambda) * (1 - Dice)``, averaged over the channels
-    (USE-Net: channel 0 the nucleus mask, channel 1 the shape marker); lambda = 0.5 in the paper."""
-    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dim=(0, 2, 3))
+    (USE-Net: channel 0 the nucleus mask, channel 1 the shape marker); lambda = 0.5 in the paper.
+    ``weight``: per-pixel BCE weights of the same shape as ``target`` (U-Net border weight maps,
+    seed 001's term, one per channel: target ``mask_marker_weights``); the weighted BCE is the
+    weighted sum over the pixels divided by their number, so weights of ones give the plain loss."""
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    if weight is not None:
+        if weight.shape != target.shape:
+            raise ValueError(f"weight {tuple(weight.shape)} must have the target's shape {tuple(target.shape)}")
+        bce = bce * weight
+    bce = bce.mean(dim=(0, 2, 3))
     dice = soft_dice_squared(torch.sigmoid(logits), target, smooth)
     return (lam * bce + (1 - lam) * (1 - dice)).mean()
 
