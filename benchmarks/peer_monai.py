@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         res = side_by_side("monai", run_peer, a.slide, a.model, a.device, a.batch_size, not a.all_tiles, a.threads,
                            a.repeat, not a.no_model_only, None,
-                           {"monai_merger": a.merger, "monai_channels_last": a.monai_channels_last})
+                           {"monai_merger": a.merger, "monai_channels_last": a.monai_channels_last},
+                           backend=a.wsiseg_backend)
     except (ModelError, SlideError, RuntimeError) as e:
         print(f"peer_monai: error: {e}", file=sys.stderr)
         return 1

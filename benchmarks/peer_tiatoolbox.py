@@ -207,7 +207,7 @@ def run_tia(slide: Path, model: str, tia_python: Path, device: str, batch_size: 
 def compare(slide: str | Path, model: str | None = None, device: str = "cpu", batch_size: int = 8,
             tissue: bool = True, tia_python: str | Path = DEFAULT_TIA_PYTHON, tia_workers: int = 0,
             threads: int | None = None, repeat: int = 1, compile_mode: str | None = None,
-            model_only: bool = True, wsiseg_python: str | Path | None = None) -> dict:
+            model_only: bool = True, wsiseg_python: str | Path | None = None, backend: str = "torch") -> dict:
     """Both engines on ``slide``, ``repeat`` times each (alternating); medians of tiles/s, max RSS.
 
     ``wsiseg_python``: the interpreter for wsiseg's runs (default: this one); give TIAToolbox's to
@@ -221,7 +221,7 @@ def compare(slide: str | Path, model: str | None = None, device: str = "cpu", ba
         return run_tia(Path(slide), path, tia_python, device, batch_size, tissue, tia_workers, threads, compile_mode)
 
     res = side_by_side("tiatoolbox", run_peer, slide, model, device, batch_size, tissue, threads, repeat, model_only,
-                       wsiseg_python, {"tia_python": str(tia_python)})
+                       wsiseg_python, {"tia_python": str(tia_python)}, backend=backend)
     res["tiatoolbox"]["infer_batch_fraction"] = statistics.median(r["infer_batch_fraction"]
                                                                   for r in res["tiatoolbox_runs"])
     return res
@@ -229,19 +229,21 @@ def compare(slide: str | Path, model: str | None = None, device: str = "cpu", ba
 
 def side_by_side(peer: str, run_peer, slide: str | Path, model: str | None, device: str, batch_size: int,
                  tissue: bool, threads: int | None, repeat: int, model_only: bool,
-                 wsiseg_python: str | Path | None, extra: dict) -> dict:
+                 wsiseg_python: str | Path | None, extra: dict, backend: str = "torch") -> dict:
     """wsiseg's whole pipeline (``wsiseg.bench`` stage ``end_to_end``, a fresh process per run) and
     ``run_peer(model_path) -> dict`` (tiles, tiles_per_second, seconds, peak_rss_mb,
     rss_after_setup_mb, torch, output_bytes), ``repeat`` times each, alternating; medians of
     tiles/s and seconds, the largest peak RSS, and the ratios wsiseg / ``peer``. ``model_only``: also
-    wsiseg's model-only ceiling on the same slide, and both engines' ratios to it."""
+    wsiseg's model-only ceiling on the same slide, and both engines' ratios to it. ``backend``:
+    wsiseg's network runtime (``torch`` or ``openvino``; the peer always runs torch)."""
     from wsiseg.bench import machine, resolve_model_arg, run_stage_subprocess
     from wsiseg.models.registry import load_model, resolve_model_path
 
     slide = Path(slide)
     res: dict = {"benchmark": f"peer_{peer}", "slide": str(slide), "slide_bytes": slide.stat().st_size,
                  "tile": 256, "stride": 128, "batch_size": batch_size, "device": device, "tissue_mask": tissue,
-                 "machine": machine(), "wsiseg_python": str(wsiseg_python or sys.executable), **extra,
+                 "machine": machine(), "wsiseg_python": str(wsiseg_python or sys.executable),
+                 "wsiseg_backend": backend, **extra,
                  "wsiseg_runs": [], f"{peer}_runs": []}
     with tempfile.TemporaryDirectory(prefix="peer-model-") as mtmp:
         model = resolve_model_arg(model, mtmp)
@@ -252,13 +254,13 @@ def side_by_side(peer: str, run_peer, slide: str | Path, model: str | None, devi
         if model_only:
             res["wsiseg_model_only"] = run_stage_subprocess("model_only", slide, str(path), device=device,
                                                             batch_size=batch_size, threads=threads, tissue=tissue,
-                                                            python=wsiseg_python)
+                                                            python=wsiseg_python, backend=backend)
         for i in range(repeat):
             for side in (peer, "wsiseg") if i % 2 == 0 else ("wsiseg", peer):
                 print(f"peer_{peer}: run {i + 1}/{repeat}: {side} ...", file=sys.stderr, flush=True)
                 if side == "wsiseg":
                     r = run_stage_subprocess("end_to_end", slide, str(path), device=device, batch_size=batch_size,
-                                             threads=threads, tissue=tissue, python=wsiseg_python)
+                                             threads=threads, tissue=tissue, python=wsiseg_python, backend=backend)
                 else:
                     r = run_peer(str(path))
                 res[f"{side}_runs"].append(r)
@@ -303,6 +305,8 @@ def peer_arguments(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--all-tiles", action="store_true", help="no tissue mask for either engine")
     ap.add_argument("--repeat", type=int, default=1, help="runs per engine, alternating (medians reported)")
     ap.add_argument("--no-model-only", action="store_true", help="skip wsiseg's model-only ceiling")
+    ap.add_argument("--wsiseg-backend", default="torch", choices=["torch", "openvino"],
+                    help="wsiseg's network runtime on the CPU (the peer runs torch either way)")
     return ap
 
 
@@ -333,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         res = compare(a.slide, a.model, a.device, a.batch_size, not a.all_tiles, a.tia_python, a.tia_workers,
                       a.threads, a.repeat, a.tia_compile_mode, not a.no_model_only,
-                      a.tia_python if a.same_env else None)
+                      a.tia_python if a.same_env else None, a.wsiseg_backend)
     except (ModelError, SlideError, RuntimeError) as e:
         print(f"peer_tiatoolbox: error: {e}", file=sys.stderr)
         return 1
