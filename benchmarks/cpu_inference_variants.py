@@ -5,7 +5,8 @@
 Variants: eager NCHW; eager channels_last; BatchNorm folded into the convolutions (wsiseg's Predictor) +
 channels_last; TorchScript frozen with ``optimize_for_inference`` (oneDNN fusions) + channels_last;
 OpenVINO on the folded network fed NHWC (``wsiseg run --backend openvino``; when ``openvino`` is
-installed); ONNX Runtime on the folded network (when ``onnxruntime`` and ``onnx`` are installed; for
+installed) and the same quantised to INT8 by NNCF (``--backend openvino-int8``; when ``nncf`` is
+installed too: its max abs difference is the quantisation's, not rounding); ONNX Runtime on the folded network (when ``onnxruntime`` and ``onnx`` are installed; for
 reference, not a wsiseg backend).
 Each is checked against eager NCHW (max abs difference of the probabilities) before timing.
 """
@@ -50,7 +51,10 @@ def main() -> None:
     x_cl = (torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255 - mean) / std  # channels_last view
     x_nchw = x_cl.contiguous()
     net = m.network.eval()
-    res = {"batch_size": a.batch_size, "threads": torch.get_num_threads(), "torch": torch.__version__, "variants": {}}
+    from wsiseg.bench import machine
+
+    res = {"batch_size": a.batch_size, "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "machine": machine(), "variants": {}}
     with torch.inference_mode():
         ref = torch.sigmoid(net(x_nchw))
         variants = {"eager_nchw": (net, x_nchw)}
@@ -68,6 +72,17 @@ def main() -> None:
             from wsiseg.predict import OpenVINONet
 
             variants["openvino_bn_folded_nhwc"] = (OpenVINONet(fold_batchnorm(net), torch.get_num_threads()), x_cl)
+            import openvino
+
+            res["openvino"] = openvino.__version__
+            try:  # wsiseg's --backend openvino-int8: the same, quantised by NNCF on the sample slide's tiles
+                from wsiseg.predict import Predictor, calibration_tiles
+
+                cal = Predictor(m, "cpu").normalise(calibration_tiles(m.mpp))
+                variants["openvino_int8_nhwc"] = (OpenVINONet(fold_batchnorm(net), torch.get_num_threads(),
+                                                              calibration=cal), x_cl)
+            except ValueError as e:
+                print(f"openvino-int8: skipped ({e})")
         except ValueError as e:
             print(f"openvino: skipped ({e})")
         try:  # ONNX Runtime on the same folded network, for reference (not a wsiseg backend)

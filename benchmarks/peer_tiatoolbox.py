@@ -305,7 +305,7 @@ def peer_arguments(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--all-tiles", action="store_true", help="no tissue mask for either engine")
     ap.add_argument("--repeat", type=int, default=1, help="runs per engine, alternating (medians reported)")
     ap.add_argument("--no-model-only", action="store_true", help="skip wsiseg's model-only ceiling")
-    ap.add_argument("--wsiseg-backend", default="torch", choices=["torch", "openvino"],
+    ap.add_argument("--wsiseg-backend", default="torch", choices=["torch", "openvino", "openvino-int8"],
                     help="wsiseg's network runtime on the CPU (the peer runs torch either way)")
     return ap
 

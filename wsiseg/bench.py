@@ -312,7 +312,9 @@ def stage_model_only(slide: Path, model, cfg, device: str = "cpu", threads: int 
         tiles += tiles
     batches = [np.stack([tiles[(b * cfg.batch_size + j) % len(tiles)] for j in range(cfg.batch_size)])
                for b in range(max(1, len(tiles) // cfg.batch_size))]
+    t_setup = time.perf_counter()
     predictor = Predictor(model, device, threads=threads, backend=backend)
+    setup = time.perf_counter() - t_setup
     for i in range(2):
         predictor(batches[i % len(batches)])
     timer = _gpu_start(predictor)
@@ -325,7 +327,8 @@ def stage_model_only(slide: Path, model, cfg, device: str = "cpu", threads: int 
     n = n_batches * cfg.batch_size
     out = {"tiles": n, "batches": n_batches, "seconds": round(dt, 3), "loop_seconds": round(dt, 3),
            "tiles_per_second": round(n / dt, 2), "loop_tiles_per_second": round(n / dt, 2),
-           "distinct_tiles": len(tiles), "device": str(predictor.device)}
+           "distinct_tiles": len(tiles), "device": str(predictor.device),
+           "predictor_setup_seconds": round(setup, 3)}
     out.update(_gpu_stop(timer, dt))
     return out
 
@@ -334,7 +337,9 @@ def _run_pipeline(slide: Path, model, cfg, device: str, threads: int | None, bac
     from wsiseg.pipeline import run_slide
     from wsiseg.predict import Predictor
 
+    t_setup = time.perf_counter()
     predictor = Predictor(model, device, threads=threads, backend=backend)
+    setup = time.perf_counter() - t_setup
     timer = _gpu_start(predictor)
     with tempfile.TemporaryDirectory(prefix="wsiseg-bench-") as tmp:
         res = run_slide(slide, Path(tmp) / "out", predictor, cfg)
@@ -348,7 +353,8 @@ def _run_pipeline(slide: Path, model, cfg, device: str, threads: int | None, bac
            "tiles_per_second": s["tiles_per_second"],
            "loop_tiles_per_second": round(n / loop, 2) if loop > 0 else None,
            "seconds_by_step": sec, "status": s["status"], "device": s["device"], "torch_threads": s["torch_threads"],
-           "zarr_bytes": zbytes, "shape": s["shape"], "model": s["model"]}
+           "zarr_bytes": zbytes, "shape": s["shape"], "model": s["model"],
+           "predictor_setup_seconds": round(setup, 3)}
     out.update(_gpu_stop(timer, loop))
     return out
 
@@ -587,8 +593,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="blend each batch in a thread beside the next batch's inference (auto: on with CUDA)")
     p.add_argument("--blend-on-device", action="store_true",
                    help="blend on the GPU (accumulators there, uint8 blocks copied back)")
-    p.add_argument("--backend", default="torch", choices=["torch", "openvino"],
-                   help="the network's runtime on the CPU: torch (eager) or openvino (same weights; wsiseg[openvino])")
+    p.add_argument("--backend", default="torch", choices=["torch", "openvino", "openvino-int8"],
+                   help="the network's runtime on the CPU: torch (eager), openvino (same weights) or openvino-int8 "
+                        "(quantised by NNCF); wsiseg[openvino]")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument("--model-seconds", type=float, default=10.0, help="how long model_only runs (after warm-up)")
     p.add_argument("--in-process", action="store_true", help="all stages in this process (peak RSS cumulative)")

@@ -331,9 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     r.add_argument("--tta", default="none", choices=["none", "flips", "d4"],
                    help="test-time augmentation: mean probability over 4 flips or the 8 rotations/flips of each tile (4x or 8x the model's time)")
-    r.add_argument("--backend", default="torch", choices=["torch", "openvino"],
-                   help="the network's runtime on the CPU: torch (eager) or openvino (the same weights compiled "
-                        "by OpenVINO; pip install 'wsiseg[openvino]')")
+    r.add_argument("--backend", default="torch", choices=["torch", "openvino", "openvino-int8"],
+                   help="the network's runtime on the CPU: torch (eager), openvino (the same weights compiled "
+                        "by OpenVINO) or openvino-int8 (those quantised to 8-bit integers by NNCF, calibrated "
+                        "on the bundled sample slide: faster, probabilities change slightly); "
+                        "pip install 'wsiseg[openvino]'")
     r.add_argument("--blend-thread", default="auto", choices=["auto", "on", "off"],
                    help="blend each batch in a thread while the next is inferred (auto: on with CUDA, off on CPU)")
     r.add_argument("--blend-on-device", action="store_true",
@@ -377,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--tta", default="none", choices=["none", "flips", "d4"],
                    help="test-time augmentation (as wsiseg run --tta)")
-    e.add_argument("--backend", default="torch", choices=["torch", "openvino"], help="as wsiseg run --backend")
+    e.add_argument("--backend", default="torch", choices=["torch", "openvino", "openvino-int8"], help="as wsiseg run --backend")
     e.add_argument("--json", default=None, help="write the metrics here")
     e.set_defaults(func=cmd_eval)
 

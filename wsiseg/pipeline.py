@@ -95,6 +95,8 @@ def peak_rss_mb() -> float:
 
 def _params(cfg: RunConfig, predictor: Predictor, view: ScaledView, path: Path) -> dict:
     extra = {} if predictor.tta == "none" else {"tta": predictor.tta}  # (absent without TTA: older outputs still resume)
+    if predictor.backend == "openvino-int8":  # other maps than float32's: a resumed run must not mix them
+        extra["backend"] = predictor.backend
     return extra | {
         "input": path.name,
         "input_bytes": path.stat().st_size,
@@ -402,6 +404,7 @@ def run_slide(path: str | Path, out_dir: str | Path, predictor: Predictor, cfg: 
             "torch_threads": __import__("torch").get_num_threads(),
             "model": predictor.model.id,
             "tta": predictor.tta,
+            "backend": predictor.backend,
             "mpp": view.mpp,
             "slide_mpp": reader.mpp,
             "shape": list(view.shape),

@@ -63,7 +63,31 @@ def _one_thread(numel: int):
         torch.set_num_threads(n)
 
 
-BACKENDS = ("torch", "openvino")
+BACKENDS = ("torch", "openvino", "openvino-int8")
+SAMPLE_SLIDE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "CMU-1-Small-Region.svs")
+
+
+def calibration_tiles(mpp: float, n: int = 64, tile: int = 256, min_tissue: float = 0.5) -> np.ndarray:
+    """(n, tile, tile, 3) uint8 tissue tiles of the bundled sample slide (CMU-1-Small-Region, H&E
+    breast, CC0) read at ``mpp`` um/px, for calibrating INT8 quantisation: the tiles of a
+    half-overlapping grid whose tissue fraction (:func:`wsiseg.tissue.tissue_mask`) is at least
+    ``min_tissue``, ``n`` of them evenly spaced over the grid (fewer if the slide has fewer; at
+    0.5 um/px the grid at half-tile stride holds 147 such tiles).
+    Deterministic: the same model always gets the same calibration set."""
+    from wsiseg.slide import ScaledView, open_slide
+    from wsiseg.tissue import tissue_mask
+
+    view = ScaledView.create(open_slide(SAMPLE_SLIDE), mpp)
+    h, w = view.shape
+    img = view.read(0, 0, max(h, tile), max(w, tile))
+    mask = tissue_mask(img)
+    step = tile // 2
+    grid = [(y, x) for y in range(0, img.shape[0] - tile + 1, step) for x in range(0, img.shape[1] - tile + 1, step)
+            if mask[y:y + tile, x:x + tile].mean() >= min_tissue]
+    if not grid:
+        raise ValueError(f"no tissue tiles for INT8 calibration in {SAMPLE_SLIDE}")
+    pick = np.unique(np.linspace(0, len(grid) - 1, min(n, len(grid))).round().astype(int))
+    return np.stack([img[y:y + tile, x:x + tile] for y, x in (grid[i] for i in pick)])
 
 
 class OpenVINONet(torch.nn.Module):
@@ -75,9 +99,17 @@ class OpenVINONet(torch.nn.Module):
     inference forced (``INFERENCE_PRECISION_HINT``: on CPUs with bfloat16 units OpenVINO would
     otherwise lower the precision). ``forward`` takes an NCHW tensor of any memory layout (a
     channels_last view is passed without a copy) and returns the float32 logits as an NCHW
-    tensor. Needs the ``openvino`` package (``pip install 'wsiseg[openvino]'``)."""
+    tensor. Needs the ``openvino`` package (``pip install 'wsiseg[openvino]'``).
 
-    def __init__(self, net: torch.nn.Module, threads: int, in_channels: int = 3):
+    ``calibration``: (N, H, W, C) float32 normalised tiles (NHWC, as ``forward`` receives them):
+    the converted model is then quantised to INT8 by NNCF's post-training quantisation
+    (``nncf.quantize``: activation ranges from these tiles, weights per channel, fast bias
+    correction) before compiling; the convolutions then run in 8-bit integers, which changes
+    the probabilities slightly (``wsiseg run --backend openvino-int8``; measure the change on
+    your data with ``wsiseg eval``). Needs ``nncf`` too."""
+
+    def __init__(self, net: torch.nn.Module, threads: int, in_channels: int = 3,
+                 calibration: np.ndarray | None = None):
         super().__init__()
         try:
             import openvino as ov
@@ -91,6 +123,8 @@ class OpenVINONet(torch.nn.Module):
         except Exception as e:  # OpenVINO's conversion errors have no common base class
             raise ValueError(f"OpenVINO cannot convert {type(net).__name__} ({str(e).strip().splitlines()[-1]}); "
                              "use --backend torch") from e
+        if calibration is not None:
+            model = _quantise_int8(model, calibration)
         ppp = ov.preprocess.PrePostProcessor(model)
         ppp.input().tensor().set_layout(ov.Layout("NHWC"))
         ppp.input().model().set_layout(ov.Layout("NCHW"))
@@ -100,9 +134,41 @@ class OpenVINONet(torch.nn.Module):
         self._request = self.compiled.create_infer_request()
         self._output = self.compiled.output(0)
 
+    def convolution_precisions(self) -> dict[str, int]:
+        """How many convolutions the compiled network runs in each precision (``{'f32': 19}``;
+        quantised: ``{'u8': 19}``), as OpenVINO's runtime model reports them."""
+        out: dict[str, int] = {}
+        for op in self.compiled.get_runtime_model().get_ops():
+            info = op.get_rt_info()
+            if info["layerType"].astype(str) == "Convolution":
+                p = info["runtimePrecision"].astype(str)
+                out[p] = out.get(p, 0) + 1
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = x.detach().permute(0, 2, 3, 1).contiguous().float().numpy()  # NHWC (no copy if channels_last)
         return torch.from_numpy(self._request.infer({0: a})[self._output])
+
+
+def _quantise_int8(model, calibration: np.ndarray):
+    """NNCF post-training INT8 quantisation of an OpenVINO model with NCHW input, its activation
+    ranges from ``calibration`` (N, H, W, C) float32, one tile per calibration step."""
+    try:
+        import nncf
+    except ImportError as e:
+        raise ValueError("--backend openvino-int8 needs the nncf package: pip install 'wsiseg[openvino]'") from e
+    import logging
+
+    nncf.set_log_level(logging.ERROR)
+    x = np.ascontiguousarray(np.asarray(calibration, np.float32).transpose(0, 3, 1, 2))
+    data = nncf.Dataset([x[i:i + 1] for i in range(len(x))])
+    import contextlib
+    import io
+
+    # NNCF draws progress bars on the console (rich): kept out of wsiseg's output
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        return nncf.quantize(model, data, subset_size=len(x), preset=nncf.QuantizationPreset.PERFORMANCE)
 
 
 TTA_MODES = {
@@ -170,7 +236,9 @@ class Predictor:
     ``tta``: ``flips`` or ``d4`` average the probabilities over 4 or 8 flips/rotations of each
     tile (:class:`TestTimeAugmentation`), at 4 or 8 times the network's cost.
     ``backend``: ``torch`` (eager) or, on the CPU, ``openvino`` (:class:`OpenVINONet`: the same
-    weights compiled by OpenVINO; everything around the network is unchanged).
+    weights compiled by OpenVINO; everything around the network is unchanged) or
+    ``openvino-int8`` (the same, quantised to INT8 on 64 tissue tiles of the bundled sample slide
+    at the model's resolution, :func:`calibration_tiles`; about 10 s once per predictor).
     """
 
     def __init__(self, model: LoadedModel, device: str = "auto", threads: int | None = None, tta: str = "none",
@@ -181,25 +249,26 @@ class Predictor:
             raise ValueError(f"unknown test-time augmentation {tta!r}; use none, flips or d4")
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; use {' or '.join(BACKENDS)}")
-        if backend == "openvino" and self.device.type != "cpu":
-            raise ValueError("--backend openvino runs on the CPU; use --device cpu (or the torch backend on CUDA)")
+        if backend != "torch" and self.device.type != "cpu":
+            raise ValueError(f"--backend {backend} runs on the CPU; use --device cpu (or the torch backend on CUDA)")
         self.tta = tta
         self.backend = backend
         if self.device.type == "cpu":
             torch.set_num_threads(threads or os.cpu_count() or 1)
-        net = fold_batchnorm(model.network)
-        if backend == "openvino":
-            net = OpenVINONet(net, torch.get_num_threads())
-        if tta != "none":
-            net = TestTimeAugmentation(net, tta, model.activation)
-        self.net = net.to(self.device).to(memory_format=torch.channels_last).eval()
-        self.amp = self.device.type == "cuda"
         self._mean = torch.tensor(model.mean, device=self.device).view(1, 3, 1, 1) * 255
         self._std = torch.tensor(model.std, device=self.device).view(1, 3, 1, 1) * 255
         # (v - mean) / std of every byte value v, per channel, by the same float32 tensor ops
         v = torch.arange(256, dtype=torch.float32).view(256, 1)
         lut = (v - self._mean.cpu().view(1, 3)) / self._std.cpu().view(1, 3)
         self._lut = np.ascontiguousarray(lut.numpy().reshape(1, 256, 3))
+        net = fold_batchnorm(model.network)
+        if backend != "torch":
+            cal = self.normalise(calibration_tiles(model.mpp)) if backend == "openvino-int8" else None
+            net = OpenVINONet(net, torch.get_num_threads(), calibration=cal)
+        if tta != "none":
+            net = TestTimeAugmentation(net, tta, model.activation)
+        self.net = net.to(self.device).to(memory_format=torch.channels_last).eval()
+        self.amp = self.device.type == "cuda"
         self._weight = None  # (window array, its copy on the device), see _device_weight
 
     def _device_weight(self, weight: np.ndarray) -> torch.Tensor:
