@@ -235,7 +235,7 @@ def side_by_side(peer: str, run_peer, slide: str | Path, model: str | None, devi
     rss_after_setup_mb, torch, output_bytes), ``repeat`` times each, alternating; medians of
     tiles/s and seconds, the largest peak RSS, and the ratios wsiseg / ``peer``. ``model_only``: also
     wsiseg's model-only ceiling on the same slide, and both engines' ratios to it. ``backend``:
-    wsiseg's network runtime (``torch`` or ``openvino``; the peer always runs torch)."""
+    wsiseg's network runtime (``torch``, ``openvino`` or ``openvino-int8``; the peer always runs torch)."""
     from wsiseg.bench import machine, resolve_model_arg, run_stage_subprocess
     from wsiseg.models.registry import load_model, resolve_model_path
 

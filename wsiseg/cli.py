@@ -6,9 +6,8 @@ import logging
 import sys
 from pathlib import Path
 
-from wsiseg.slide import INPUT_SUFFIXES, SlideError
+from wsiseg.slide import INPUT_SUFFIXES, SAMPLE, SlideError
 
-SAMPLE = Path(__file__).resolve().parent / "data" / "CMU-1-Small-Region.svs"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 SLIDE_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".svslide", ".bif", ".dcm", ".tif", ".tiff"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+SAMPLE = Path(__file__).resolve().parent / "data" / "CMU-1-Small-Region.svs"  # the bundled sample slide (CC0)
 INPUT_SUFFIXES = SLIDE_SUFFIXES | IMAGE_SUFFIXES
 
 
