@@ -30,6 +30,11 @@ working torchvision on this machine's disk, hence ``--no-deps``.) Then, with wsi
         --json benchmarks/results/peer_tiatoolbox_cpu.json          # default model
     python benchmarks/peer_tiatoolbox.py SLIDE --model untrained     # no trained weights yet
 
+Slides from ``benchmarks/make_slide.py`` (generic TIFF): TIAToolbox 2.1.3 opens a ``.tif`` as a
+``VirtualWSIReader`` without an mpp and stops ("MPP is None"); give it a link with the ``.svs``
+suffix (``ln -s mosaic.tif mosaic.svs``) and it uses its OpenSlide reader, which finds the mpp
+(OpenSlide itself reads the file by its content, so wsiseg reads the same slide either way).
+
 The TIAToolbox side runs as ``.venv-tia/bin/python benchmarks/peer_tiatoolbox.py --child-tia``
 with the repository on ``PYTHONPATH`` (for ``wsiseg.models``; it needs only torch and
 safetensors there). The two venvs hold different torch builds (wsiseg's: 2.13.0 CPU; TIA's:
