@@ -1,12 +1,11 @@
 """Predictor: batches of RGB tiles -> per-class probabilities, on CUDA (AMP) or all CPU cores."""
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import os
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 
 import cv2
 import numpy as np
@@ -79,9 +78,13 @@ def calibration_tiles(mpp: float, n: int = 64, tile: int = 256, min_tissue: floa
     from wsiseg.slide import SAMPLE, ScaledView, open_slide
     from wsiseg.tissue import tissue_mask
 
-    view = ScaledView.create(open_slide(SAMPLE), mpp)
-    h, w = view.shape
-    img = view.read(0, 0, max(h, tile), max(w, tile))
+    reader = open_slide(SAMPLE)
+    try:
+        view = ScaledView.create(reader, mpp)
+        h, w = view.shape
+        img = view.read(0, 0, max(h, tile), max(w, tile))
+    finally:
+        reader.close()
     mask = tissue_mask(img)
     step = tile // 2
     grid = [(y, x) for y in range(0, img.shape[0] - tile + 1, step) for x in range(0, img.shape[1] - tile + 1, step)
@@ -163,7 +166,7 @@ def _quantise_int8(model, calibration: np.ndarray):
     x = np.ascontiguousarray(np.asarray(calibration, np.float32).transpose(0, 3, 1, 2))
     data = nncf.Dataset([x[i:i + 1] for i in range(len(x))])
     # NNCF draws progress bars on the console (rich): kept out of wsiseg's output
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    with warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
         return nncf.quantize(model, data, subset_size=len(x), preset=nncf.QuantizationPreset.PERFORMANCE)
 
