@@ -99,14 +99,14 @@ def test_an_error_in_the_tile_loop_stops_the_readers_before_the_slide_closes(tmp
 
     pred = Predictor(identity_model(load_model()), "cpu", threads=1)
     calls = {"n": 0}
-    inner = pred.__call__
+    inner = pred.probabilities  # what the tile loop calls on the CPU
 
     class Failing(Predictor):
-        def __call__(self, tiles, weight=None, out=None):
+        def probabilities(self, tiles):
             calls["n"] += 1
             if calls["n"] == 3:
                 raise RuntimeError("batch 3 failed")
-            return inner(tiles, weight=weight, out=out)
+            return inner(tiles)
 
     pred.__class__ = Failing
     with pytest.raises(RuntimeError, match="batch 3 failed"):

@@ -15,6 +15,19 @@ from wsiseg.scoring import CLASS_INPUTS, pad_to, patch_features, tissue_fraction
 CONSEP = SHARED / "consep" / "train"
 
 
+def _window_maps(out_dir, row) -> np.ndarray:
+    """The (4, h, w) class maps in CLASS_INPUTS order under one cellularity.csv row, read back
+    from the run's Zarr: the row's level-0 box mapped to the model's pixels."""
+    import zarr
+
+    g = zarr.open_group(str(out_dir / "probabilities.zarr"), mode="r")
+    attrs = dict(g.attrs["wsiseg"])
+    s = float(attrs.get("scale_from_level0", 1.0))
+    x, y, w, h = (round(int(row[k]) / s) for k in ("x", "y", "width", "height"))
+    classes = [c.lower() for c in attrs["classes"]]
+    return g["0"][:, y:y + h, x:x + w][[classes.index(c) for c in CLASS_INPUTS]].astype(np.float32) / 255
+
+
 def test_window_grid_covers_map_with_full_size_windows():
     wins = window_grid((1100, 700), 512)
     assert all(h == 512 and w == 512 for _, _, h, w in wins)
@@ -100,10 +113,10 @@ def test_batched_scoring_equals_patch_by_patch(lgbm_path):
 
 @pytest.mark.slow
 def test_run_writes_cellularity_table_heatmap_and_summary(tmp_path, monuseg_image, lgbm_path):
-    model = _class_model(tmp_path)
+    # the shipped class model: real maps, so the windows' scores differ
     img = write_png(tmp_path / "patch.png", monuseg_image[:700, :900])
     out = tmp_path / "out"
-    assert main(["run", "-q", str(img), "--mpp", "0.25", "--model", str(model), "-o", str(out),
+    assert main(["run", "-q", str(img), "--mpp", "0.25", "--model", "unet-bn-nuclei-classes-20x", "-o", str(out),
                  "--lgbm", str(lgbm_path), "--cnn", "none", "--cell-window", "128"]) == 0
     d = out / "patch"
     rows = list(csv.DictReader(open(d / "cellularity.csv")))
@@ -118,6 +131,13 @@ def test_run_writes_cellularity_table_heatmap_and_summary(tmp_path, monuseg_imag
     assert c["status"] == "ok" and c["windows"] == len(rows)
     vals = np.array([float(r["cellularity_lgbm"]) for r in rows])
     assert c["cellularity_lgbm"]["median"] == pytest.approx(np.median(vals), abs=1e-3)
+    # each row's score is the regressor's on the 81 features of the maps under its box
+    from cellularity.regressors import LightGBMRegressor
+
+    reg = LightGBMRegressor.load(lgbm_path.with_name(lgbm_path.name + ".txt"))
+    X = np.stack([patch_features(pad_to(_window_maps(d, r), 128)) for r in rows])
+    assert len(np.unique(vals)) > 1  # so a wrong window or channel order would show
+    np.testing.assert_allclose(vals, reg.predict(X), rtol=0, atol=6e-5)  # the CSV keeps 4 decimals
     from PIL import Image
 
     assert Image.open(d / "heatmap.png").size[0] > 100
@@ -177,10 +197,18 @@ def test_cellularity_train_cnn_cli_and_run_with_it(tmp_path, monuseg_image):
     meta = json.loads((tmp_path / "cnn.json").read_text())
     assert meta["label"] == "proxy" and meta["validation_metrics"]["n"] == 16
     img = write_png(tmp_path / "p.png", monuseg_image[:600, :600])
-    assert main(["run", "-q", str(img), "--mpp", "0.5", "--model", str(model), "-o", str(tmp_path / "o"),
+    assert main(["run", "-q", str(img), "--mpp", "0.5", "--model", "unet-bn-nuclei-classes-20x", "-o", str(tmp_path / "o"),
                  "--lgbm", "none", "--cnn", str(stem)]) == 0
-    rows = list(csv.DictReader(open(tmp_path / "o" / "p" / "cellularity.csv")))
-    assert rows and all(0 <= float(r["cellularity_cnn"]) <= 1 for r in rows)
+    d = tmp_path / "o" / "p"
+    rows = list(csv.DictReader(open(d / "cellularity.csv")))
+    assert rows
+    # the scores are the trained CNN's on the maps under each row's box, not the shipped CNN's
+    from wsiseg.scoring import DEFAULT_REGRESSORS, _CNN, load_regressor
+
+    maps = [pad_to(_window_maps(d, r), 512) for r in rows]
+    vals = np.array([float(r["cellularity_cnn"]) for r in rows])
+    np.testing.assert_allclose(vals, _CNN(stem.with_name(stem.name + ".safetensors")).predict(maps), rtol=0, atol=6e-5)
+    assert np.abs(vals - load_regressor("cnn", DEFAULT_REGRESSORS["cnn"]).predict(maps)).max() > 1e-3
 
 
 @pytest.mark.slow

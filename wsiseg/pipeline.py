@@ -182,12 +182,12 @@ def infer_bands(view: ScaledView, grid: TileGrid, keep: np.ndarray, predictor: P
     columns are written as soon as no later tile touches them, so memory does not follow the
     slide's size (the strip that a band's tiles reach into the next waits on disk beyond 16 MB,
     see :class:`~wsiseg.blend.ChunkBlender`); the map is bit-identical to a row-major pass.
-    The predictor returns each batch already multiplied by the blending window, into a reused
-    buffer; with ``cfg.blend_thread`` (auto: on CUDA) one thread blends and releases batch n while
-    batch n + 1 is inferred into a second buffer (the same bytes either way); the store encodes
-    and writes blocks in a background thread, and ``progress_file`` (default the store's
-    ``progress.json``) records the bands written, after each band's last block; everything is on
-    disk when this returns (or raises).
+    Each tile's probabilities are multiplied by the blending window just before they are added
+    (on a GPU, the predictor does it there for the whole batch); with ``cfg.blend_thread`` (auto:
+    on CUDA) one thread blends and releases batch n while batch n + 1 is inferred (the same bytes
+    either way); the store encodes and writes blocks in a background thread, and
+    ``progress_file`` (default the store's ``progress.json``) records the bands written, after
+    each band's last block; everything is on disk when this returns (or raises).
     Returns seconds per stage and the number of tiles inferred (``tiles``).
     """
     from wsiseg.tiling import TileStream
@@ -215,8 +215,16 @@ def infer_bands(view: ScaledView, grid: TileGrid, keep: np.ndarray, predictor: P
     threaded = cfg.blend_thread
     if threaded is None:
         threaded = predictor.device.type != "cpu"
-    outs = [] if cfg.blend_on_device else [np.empty((cfg.batch_size, len(predictor.channels), cfg.tile, cfg.tile),
-                                                    np.float32) for _ in range(2 if threaded else 1)]
+    # On the CPU the predictor's probabilities are weighted one tile at a time, into a buffer that
+    # stays in the cache while the blender adds it (the same float32 products as weighting the
+    # whole batch, without writing and reading back a batch of them). On a GPU the window is
+    # applied there, and each batch comes back into one of two reused host buffers: the predictor
+    # fills one while the other's tiles are being blended.
+    per_tile = predictor.device.type == "cpu" and not cfg.blend_on_device
+    weighted = np.empty((len(predictor.channels), cfg.tile, cfg.tile), np.float32) if per_tile else None
+    outs = [] if cfg.blend_on_device or per_tile else [
+        np.empty((cfg.batch_size, len(predictor.channels), cfg.tile, cfg.tile), np.float32)
+        for _ in range(2 if threaded else 1)]
 
     def write_ready() -> None:
         tw = time.perf_counter()
@@ -230,6 +238,8 @@ def infer_bands(view: ScaledView, grid: TileGrid, keep: np.ndarray, predictor: P
     def blend(probs: np.ndarray, where: list) -> int:
         tb = time.perf_counter()
         for p, (y, x) in zip(probs, where):
+            if per_tile:
+                p = np.multiply(p, blender.win, out=weighted)
             blender.add(p, y, x, weighted=True)
         t["blend"] += time.perf_counter() - tb
         write_ready()
@@ -257,10 +267,11 @@ def infer_bands(view: ScaledView, grid: TileGrid, keep: np.ndarray, predictor: P
             write_ready()  # blocks that no tile touches, before the first tile
             for i, (tiles, where) in enumerate(batches):
                 ti = time.perf_counter()
-                # probabilities x window (as add() would weight each tile), into a reused buffer
-                if cfg.blend_on_device:  # a new tensor on the device for each batch
+                if cfg.blend_on_device:  # probabilities x window, a new tensor on the device for each batch
                     probs = predictor.on_device(tiles, weight=blender.win)
-                else:
+                elif per_tile:  # the network's own output, weighted in blend()
+                    probs = predictor.probabilities(tiles)
+                else:  # probabilities x window (as add() would weight each tile), into a reused buffer
                     probs = predictor(tiles, weight=blender.win, out=outs[i % len(outs)][: len(where)])
                 t["infer"] += time.perf_counter() - ti
                 if pool is None:

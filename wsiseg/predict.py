@@ -326,6 +326,19 @@ class Predictor:
         return self._activate(z, weight).expand(shape).contiguous()
 
     @torch.inference_mode()
+    def probabilities(self, tiles: np.ndarray) -> np.ndarray:
+        """Probabilities (N, C, T, T) float32 of (N, T, T, 3) uint8 tiles on the CPU, as the
+        network left them: its output in any memory layout (channels_last strides, or one map
+        broadcast over the classes as a read-only view), for callers that weight or copy it tile
+        by tile. :meth:`__call__` gives a C-contiguous array."""
+        if self.device.type != "cpu":
+            raise ValueError("Predictor.probabilities is for the CPU; on a GPU use __call__ or on_device")
+        z, shape = self._logits(tiles, torch_input=False)
+        with _one_thread(z.numel()):
+            p = self._activate(z, None).numpy()
+        return p if p.shape == shape else np.broadcast_to(p, shape)
+
+    @torch.inference_mode()
     def __call__(self, tiles: np.ndarray, weight: np.ndarray | None = None,
                  out: np.ndarray | None = None) -> np.ndarray:
         """Probabilities (N, C, T, T) float32 of (N, T, T, 3) uint8 tiles; with ``weight`` (T, T)
@@ -337,15 +350,12 @@ class Predictor:
             out = _out_array(out, tuple(probs.shape))
             torch.from_numpy(out).copy_(probs)
             return out
-        z, shape = self._logits(tiles, torch_input=False)
-        with _one_thread(z.numel()):
-            p = self._activate(z, None).numpy()  # any strides (channels_last, or one channel for all)
-            if out is None:
-                if weight is None and p.shape == shape and p.flags.c_contiguous:
-                    return p  # already NCHW
-            out = _out_array(out, shape)
-            if weight is None:
-                np.copyto(out, p)  # NCHW, whatever the network's layout; broadcast over classes
-            else:
-                np.multiply(p, weight, out=out)
+        p = self.probabilities(tiles)  # any strides (channels_last, or one channel for all)
+        if out is None and weight is None and p.flags.c_contiguous:
+            return p  # already NCHW
+        out = _out_array(out, p.shape)
+        if weight is None:
+            np.copyto(out, p)  # NCHW, whatever the network's layout
+        else:
+            np.multiply(p, weight, out=out)
         return out
