@@ -276,6 +276,7 @@ def infer_bands(view: ScaledView, grid: TileGrid, keep: np.ndarray, predictor: P
                 t["infer"] += time.perf_counter() - ti
                 if pool is None:
                     n = blend(probs, where)
+                    del probs  # not alive during the next batch's forward pass (peak RSS)
                     if progress:
                         progress(n)
                     continue
