@@ -50,7 +50,7 @@ from wsiseg.bench import machine
 from wsiseg.metrics import instance_metrics, mean_metrics
 from wsiseg.models.registry import load_model
 from wsiseg.pipeline import RunConfig, postprocess_config, run_slide
-from wsiseg.postprocess import clean_mask, instances_from_probability
+from wsiseg.postprocess import _label_orphans, clean_mask, instances_from_probability
 from wsiseg.predict import Predictor
 from wsiseg.train.datasets import MONUSEG_MPP, MONUSEG_VAL, load_monuseg
 from wsiseg.train.targets import shape_markers
@@ -70,14 +70,8 @@ def core_markers(gt: np.ndarray, frac: float = 0.5) -> np.ndarray:
 
 def flood(mask: np.ndarray, markers: np.ndarray, relief: np.ndarray) -> np.ndarray:
     """Marker-controlled watershed inside ``mask``; mask parts no marker reaches are nuclei of
-    their own (as :func:`wsiseg.postprocess.split_watershed`)."""
-    lab = watershed(relief, markers * mask, mask=mask)
-    orphans = mask & (lab == 0)
-    if orphans.any():
-        o = cc_label(orphans)
-        o[o > 0] += lab.max()
-        lab = np.where(orphans, o, lab)
-    return lab
+    their own (:func:`wsiseg.postprocess.split_watershed`'s rule)."""
+    return _label_orphans(watershed(relief, markers * mask, mask=mask), mask)
 
 
 def sweep_markers(maps: list[tuple[np.ndarray, np.ndarray, np.ndarray]], post) -> dict[str, float]:
