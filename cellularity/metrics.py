@@ -244,9 +244,15 @@ def evaluate(y_true, y_pred, n_boot: int = 2000, seed: int = 0) -> dict:
     """All the paper's metrics in one dict (JSON-ready floats).
 
     Keys: ``n``, ``mse``, ``mse_ci`` [lo, hi], ``kappa``, ``kappa_ci`` (bootstrap), ``icc``
-    (ICC(2,1)), ``icc_ci`` (F-based), ``icc31``, ``pk``.
+    (ICC(2,1)), ``icc_ci`` (F-based), ``icc31``, ``pk``. With one patch only ``n`` and ``mse``
+    are numbers (its squared error); agreement over patches (kappa, ICC, PK, the intervals) needs
+    two or more, and is None.
     """
     t, p = _pair(y_true, y_pred)
+    if t.size < 2:
+        m = mse(t, p)
+        return {"n": int(t.size), "mse": m, "mse_ci": [None, None], "kappa": None, "kappa_ci": [None, None],
+                "icc": None, "icc_ci": [None, None], "icc31": None, "pk": None}
     m, lo, hi = mse_ci(t, p, n_boot=n_boot, seed=seed)
     i21 = icc(t, p, "2,1")
     return {

@@ -240,6 +240,13 @@ def test_perfect_agreement():
     assert r["kappa"] == 1.0 and r["pk"] == 1.0 and r["icc"] == pytest.approx(1.0)
 
 
+def test_one_patch_has_an_error_but_no_agreement():
+    """One scored patch: its squared error, and no kappa / ICC / PK (they compare patches)."""
+    r = evaluate([0.97], [0.67], n_boot=50)
+    assert r["n"] == 1 and r["mse"] == pytest.approx(0.09)
+    assert r["kappa"] is None and r["icc"] is None and r["pk"] is None and r["mse_ci"] == [None, None]
+
+
 def test_kappa_bins_and_small_example():
     assert cellularity_bins([0.0, 0.25, 0.26, 0.5, 0.51, 0.75, 0.76, 1.0]).tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
     # bins true [0, 0, 1, 1], pred [0, 1, 1, 1]: po = 3/4, pe = (2*1 + 2*3)/16 = 1/2 -> kappa 1/2

@@ -240,3 +240,36 @@ def test_load_breastpathq_errors(tmp_path):
     csv.write_text("slide,rid,y\n99788,1,0.9\n99788,1,0.8\n")
     with pytest.raises(ValueError, match="already listed"):
         read_breastpathq_csv(csv)
+
+
+def test_breastpathq_patches_are_read_at_20x_and_scored_by_eval_and_predict(tmp_path, capsys):
+    """BreastPathQ's patches are 20x (0.5 um/px): read so by default, the shipped regressors put the
+    one public patch (pathologist score 0.97) above 0.5; read as 40x (halved) they put it near 0.
+    ``cellularity predict`` on the image file gives the same scores as ``eval`` on the labels."""
+    import csv as csvlib
+
+    from wsiseg.cellularity_cli import load_patches
+    from wsiseg.cli import main
+
+    csv, img_dir = _bpq_layout(tmp_path)
+    assert load_patches(f"breastpathq:{csv}", 0.5, images=img_dir)[0].image.shape == (512, 512, 3)  # as it is
+    assert load_patches(f"breastpathq:{csv}", 0.5, 0.25, img_dir)[0].image.shape == (256, 256, 3)  # --mpp 0.25
+    rows = {}
+    for name, extra in (("default", []), ("40x", ["--mpp", "0.25"])):
+        out = tmp_path / f"eval_{name}.csv"
+        assert main(["cellularity", "eval", "--data", f"breastpathq:{csv}", "--split", "all",
+                     "--images", str(img_dir), "--predictions", str(out), *extra]) == 0
+        (rows[name],) = list(csvlib.DictReader(out.open()))
+    assert "| lgbm | cellularity | 1 |" in capsys.readouterr().out  # one patch: MSE only, the rest n/a
+    assert rows["default"]["patch"] == "breastpathq/99788_1" and float(rows["default"]["y"]) == 0.97
+    for reg in ("lgbm", "cnn"):
+        assert float(rows["default"][reg]) > 0.5 > 0.2 > float(rows["40x"][reg])
+
+    pred = tmp_path / "pred.csv"
+    assert main(["cellularity", "predict", str(img_dir), "--mpp", "0.5", "-q", "-o", str(pred)]) == 0
+    (row,) = list(csvlib.DictReader(pred.open()))
+    assert (row["image"], row["slide"], row["rid"], float(row["mpp"])) == ("99788_1.tif", "99788", "1", 0.5)
+    for reg in ("lgbm", "cnn"):
+        assert float(row[reg]) == pytest.approx(float(rows["default"][reg]), abs=1e-6)
+    with pytest.raises(SystemExit, match="--mpp"):  # the file does not say its resolution
+        main(["cellularity", "predict", str(img_dir), "-o", str(pred)])

@@ -4,7 +4,10 @@ Data sources (``--data KIND:PATH``, repeatable):
 
 * ``breastpathq:LABELS.csv``: the BreastPathQ layout, a CSV ``slide,rid,y`` (y = cellularity
   in [0, 1]) and images ``<slide>_<rid>.tif`` beside it (or in ``--images``);
-  ``--mpp`` gives the patches' resolution (BreastPathQ: 40x, 0.25 um/px).
+  ``--mpp`` gives the patches' resolution (default 0.5 um/px: BreastPathQ's patches are 20x.
+  The files do not say it; on the one public patch the default model's nuclei measure a median
+  7.0 um across read at 0.5 um/px and 3.9 um read at 0.25, against 5.5 um for MoNuSeg's annotated
+  breast nuclei at their known 0.25 um/px: ``benchmarks/breastpathq_scale.py``).
 * ``consep:DIR`` (a CoNSeP split: ``images/``, ``classes/``) and ``monusac:DIR``
   (``images/``, ``masks/``): class-labelled nuclei; the label is the PROXY
   tumour nuclear area / all nuclear area (see :mod:`cellularity.proxy`), never the pathologists'
@@ -28,6 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from wsiseg.scoring import CLASS_INPUTS, patch_features
+
+BREASTPATHQ_MPP = 0.5  # um/px of BreastPathQ's 512 px patches (20x; see the module's docstring)
 
 
 @dataclass
@@ -66,7 +71,7 @@ def load_patches(spec: str, mpp: float, src_mpp: float | None = None, images: st
 
         csv_path = Path(path)
         imgs, y, ids = load_breastpathq(csv_path, images or csv_path.parent)
-        scale = (src_mpp or 0.25) / mpp
+        scale = (src_mpp or BREASTPATHQ_MPP) / mpp
         return [Patch(f"breastpathq/{i}", f"breastpathq/{str(i).split('_')[0]}", resample(np.asarray(im), scale),
                       float(v), "cellularity") for im, v, i in zip(imgs, y, ids)]
     raise ValueError(f"--data {spec!r}: unknown kind {kind!r} (breastpathq, consep or monusac)")
@@ -121,11 +126,16 @@ def _features(predictor, patches: list[Patch], log) -> tuple[np.ndarray, list[np
 
 
 def metrics_table(rows: dict[str, dict]) -> str:
+    """A Markdown table of :func:`cellularity.metrics.evaluate` rows; a metric that needs more
+    patches than there are (None) reads ``n/a``."""
+    def f(v, d):
+        return "n/a" if v is None else f"{v:.{d}f}"
+
     head = "| regressor | label | n | MSE [95% CI] | kappa (4 bins) | ICC(2,1) [95% CI] | PK |\n|---|---|---|---|---|---|---|\n"
     out = []
     for name, m in rows.items():
-        out.append(f"| {name} | {m['label']} | {m['n']} | {m['mse']:.4f} [{m['mse_ci'][0]:.4f}, {m['mse_ci'][1]:.4f}] | "
-                   f"{m['kappa']:.3f} | {m['icc']:.3f} [{m['icc_ci'][0]:.3f}, {m['icc_ci'][1]:.3f}] | {m['pk']:.3f} |")
+        out.append(f"| {name} | {m['label']} | {m['n']} | {f(m['mse'], 4)} [{f(m['mse_ci'][0], 4)}, {f(m['mse_ci'][1], 4)}] | "
+                   f"{f(m['kappa'], 3)} | {f(m['icc'], 3)} [{f(m['icc_ci'][0], 3)}, {f(m['icc_ci'][1], 3)}] | {f(m['pk'], 3)} |")
     return head + "\n".join(out)
 
 
@@ -293,6 +303,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     y = np.array([p.y for p in patches])
     label = _label_of(patches)
     rows = {}
+    per_patch: dict[str, list] = {}  # regressor -> one prediction per patch (None: not scored)
     for kind, name in map_regs:
         reg = load_regressor(kind, name)
         if reg is None:
@@ -302,6 +313,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         pred = reg.predict([pad_to(m, 16) for m in maps])
         rows[kind] = _metrics(y, pred, label)
+        per_patch[kind] = [float(v) for v in pred]
     for name in args.image_cnn or []:
         from cellularity.cnn import ImageCNNRegressor
 
@@ -314,12 +326,107 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if not len(X):
             print(f"wsiseg: warning: no patch fits {name}'s {reg.input_size} px input, skipped", file=sys.stderr)
             continue
-        rows[f"image-{reg.mode} ({Path(name).name})"] = _metrics(yi, reg.predict(X), label)
+        key = f"image-{reg.mode} ({Path(name).name})"
+        pred = reg.predict(X)
+        rows[key] = _metrics(yi, pred, label)
+        fits = iter(float(v) for v in pred)  # _image_inputs keeps the patches that fit, in order
+        per_patch[key] = [next(fits) if max(p.image.shape[:2]) <= int(reg.input_size) else None for p in patches]
     print(metrics_table(rows))
+    if args.predictions:
+        _write_csv(args.predictions, ["patch", "group", "label", "y", *per_patch],
+                   [[p.name, p.group, p.label, p.y, *(v[i] for v in per_patch.values())] for i, p in enumerate(patches)])
+        print(f"wrote {args.predictions} ({len(patches)} patches)")
     if args.json:
         Path(args.json).write_text(json.dumps({"patches": len(patches), "split": args.split, "rows": rows,
                                                "model": predictor.model.id, "data": args.data}, indent=2,
                                               default=float) + "\n")
+    return 0
+
+
+def _write_csv(path, header: list[str], rows: list[list]) -> None:
+    """A CSV with ``header``; floats with 6 decimals, None as an empty field."""
+    import csv
+
+    def cell(v):
+        return "" if v is None else f"{v:.6f}" if isinstance(v, float) else v
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows([cell(v) for v in r] for r in rows)
+
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
+
+
+def _patch_files(inputs: list[str]) -> list[Path]:
+    """Image files named, and the image files directly inside folders named, in natural order."""
+    files = []
+    for name in inputs:
+        p = Path(name)
+        if p.is_dir():
+            inside = sorted((f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()),
+                            key=lambda f: _natural(f.name))
+            if not inside:
+                raise SystemExit(f"wsiseg: error: {p}: no image files ({', '.join(IMAGE_SUFFIXES)}) in the folder")
+            files += inside
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise SystemExit(f"wsiseg: error: {p}: no such file or folder")
+    return files
+
+
+def read_patch(path: Path, mpp: float | None, model_mpp: float, max_px: int = 4096) -> tuple[np.ndarray, float]:
+    """(RGB at ``model_mpp``, the file's um/px): the whole image, read as ``wsiseg run`` reads a
+    slide (its own resolution if it has one, else ``mpp``; a clear error if neither)."""
+    from wsiseg.slide import ScaledView, open_slide
+
+    reader = open_slide(path, mpp)
+    try:
+        view = ScaledView.create(reader, model_mpp)
+        h, w = view.shape
+        if max(h, w) > max_px:
+            raise SystemExit(f"wsiseg: error: {path}: {w} x {h} px at {model_mpp} um/px is a slide, not a patch "
+                             f"(over {max_px} px a side): use wsiseg run, which scores it window by window")
+        return view.read(0, 0, h, w), float(reader.mpp)
+    finally:
+        reader.close()
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Cellularity of whole patches (BreastPathQ-style), one row per image, into a CSV."""
+    from wsiseg.models.registry import load_model
+    from wsiseg.predict import Predictor
+    from wsiseg.scoring import load_regressor, pad_to
+    from wsiseg.slide import SlideError
+
+    files = _patch_files(args.inputs)
+    regs = {}
+    for kind, name in (("lgbm", args.lgbm), ("cnn", args.cnn)):
+        if name and name != "none":
+            reg = load_regressor(kind, name)
+            if reg is None:
+                raise SystemExit(f"wsiseg: error: --{kind} {name}: not found (a path or a shipped regressor's name)")
+            regs[kind] = reg
+    if not regs:
+        raise SystemExit("wsiseg: error: no regressor: give --lgbm and/or --cnn (not both none)")
+    predictor = Predictor(load_model(args.model), args.device, threads=args.threads)
+    rows = []
+    for path in files:
+        try:
+            image, mpp = read_patch(path, args.mpp, predictor.model.mpp)
+        except SlideError as e:
+            raise SystemExit(f"wsiseg: error: {e}") from None
+        m = pad_to(class_maps(predictor, image), 16)
+        slide, _, rid = path.stem.rpartition("_")
+        scores = [float(r.predict([m])[0]) for r in regs.values()]
+        rows.append([path.name, slide if slide and rid else "", rid if slide and rid else "", mpp, *scores])
+        if not args.quiet:
+            print(f"{path.name}: " + ", ".join(f"{k} {v:.3f}" for k, v in zip(regs, scores)))
+    _write_csv(args.out, ["image", "slide", "rid", "mpp", *regs], rows)
+    print(f"wrote {args.out} ({len(rows)} patches; model {predictor.model.id}; "
+          f"regressors {', '.join(f'{k} {n}' for k, n in (('lgbm', args.lgbm), ('cnn', args.cnn)) if k in regs)})")
     return 0
 
 
@@ -331,7 +438,7 @@ def add_parser(sub) -> None:
         p.add_argument("--data", action="append", required=True,
                        help="KIND:PATH, KIND = breastpathq (labels CSV), consep or monusac (PROXY labels); repeatable")
         p.add_argument("--model", default="unet-bn-nuclei-classes-20x", help="segmentation model with class channels")
-        p.add_argument("--mpp", type=float, default=None, help="um/px of breastpathq patches (default 0.25)")
+        p.add_argument("--mpp", type=float, default=None, help=f"um/px of breastpathq patches (default {BREASTPATHQ_MPP}: 20x)")
         p.add_argument("--images", default=None, help="folder of breastpathq images (default: beside the CSV)")
         p.add_argument("--val-every", default="consep=5,monusac=4",
                        help="validation = every Nth source image/slide; N or per source, e.g. consep=5,monusac=4 "
@@ -359,4 +466,22 @@ def add_parser(sub) -> None:
             p.add_argument("--image-cnn", action="append", default=None,
                            help="also evaluate a direct image regressor (name or path; repeatable)")
             p.add_argument("--json", default=None)
+            p.add_argument("--predictions", default=None,
+                           help="write each patch's reference and predictions to this CSV")
         p.set_defaults(func=fn)
+    p = csub.add_parser("predict", help="cellularity of whole patches (e.g. BreastPathQ's), one CSV row per image",
+                        description="Scores each image as one patch: the segmentation model's class maps of the "
+                                    "whole image at the model's resolution, then the regressors (the same path as "
+                                    "cellularity train/eval). For slides use wsiseg run, which scores windows.")
+    p.add_argument("inputs", nargs="+", help="image files or folders of them (tif, png, jpg)")
+    p.add_argument("-o", "--out", required=True, help="CSV: image, slide, rid (from <slide>_<rid> names), mpp, "
+                                                      "one column per regressor")
+    p.add_argument("--mpp", type=float, default=None,
+                   help="um/px of images that do not say it (BreastPathQ's patches: 0.5)")
+    p.add_argument("--model", default="unet-bn-nuclei-classes-20x", help="segmentation model with class channels")
+    p.add_argument("--lgbm", default="cellularity-lgbm-proxy", help="LightGBM regressor, or none")
+    p.add_argument("--cnn", default="cellularity-cnn-proxy", help="map CNN regressor, or none")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("-q", "--quiet", action="store_true", help="no line per image")
+    p.set_defaults(func=cmd_predict)
