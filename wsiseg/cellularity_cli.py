@@ -246,14 +246,19 @@ def _train_cnn(args, predictor, train, val, label, out, log):
     return path, Path(str(path)).with_suffix(".json"), res
 
 
+def _fits(p: Patch, size: int) -> bool:
+    """Whether the patch fits one ``size`` px network input."""
+    return max(p.image.shape[:2]) <= size
+
+
 def _image_inputs(patches: list[Patch], size: int):
     """RGB patches (at the model's mpp) that fit one network input, padded with white glass.
 
     The same patches as :func:`_cnn_inputs` keeps the map CNN and the direct regressor comparable."""
     ims, ys = [], []
     for p in patches:
-        h, w = p.image.shape[:2]
-        if h <= size and w <= size:
+        if _fits(p, size):
+            h, w = p.image.shape[:2]
             im = np.full((size, size, 3), 255, np.uint8)
             im[:h, :w] = p.image
             ims.append(im)
@@ -330,7 +335,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         pred = reg.predict(X)
         rows[key] = _metrics(yi, pred, label)
         fits = iter(float(v) for v in pred)  # _image_inputs keeps the patches that fit, in order
-        per_patch[key] = [next(fits) if max(p.image.shape[:2]) <= int(reg.input_size) else None for p in patches]
+        per_patch[key] = [next(fits) if _fits(p, int(reg.input_size)) else None for p in patches]
     print(metrics_table(rows))
     if args.predictions:
         _write_csv(args.predictions, ["patch", "group", "label", "y", *per_patch],
@@ -356,27 +361,6 @@ def _write_csv(path, header: list[str], rows: list[list]) -> None:
         w.writerows([cell(v) for v in r] for r in rows)
 
 
-IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
-
-
-def _patch_files(inputs: list[str]) -> list[Path]:
-    """Image files named, and the image files directly inside folders named, in natural order."""
-    files = []
-    for name in inputs:
-        p = Path(name)
-        if p.is_dir():
-            inside = sorted((f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()),
-                            key=lambda f: _natural(f.name))
-            if not inside:
-                raise SystemExit(f"wsiseg: error: {p}: no image files ({', '.join(IMAGE_SUFFIXES)}) in the folder")
-            files += inside
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise SystemExit(f"wsiseg: error: {p}: no such file or folder")
-    return files
-
-
 def read_patch(path: Path, mpp: float | None, model_mpp: float, max_px: int = 4096) -> tuple[np.ndarray, float]:
     """(RGB at ``model_mpp``, the file's um/px): the whole image, read as ``wsiseg run`` reads a
     slide (its own resolution if it has one, else ``mpp``; a clear error if neither)."""
@@ -396,12 +380,16 @@ def read_patch(path: Path, mpp: float | None, model_mpp: float, max_px: int = 40
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Cellularity of whole patches (BreastPathQ-style), one row per image, into a CSV."""
+    from wsiseg.cli import _expand_inputs
     from wsiseg.models.registry import load_model
     from wsiseg.predict import Predictor
     from wsiseg.scoring import load_regressor, pad_to
     from wsiseg.slide import SlideError
 
-    files = _patch_files(args.inputs)
+    files, errors = _expand_inputs(args.inputs)  # the same inputs as wsiseg run takes
+    errors += [f"{f}: no such file" for f in files if not f.is_file()]
+    if errors:
+        raise SystemExit("\n".join(f"wsiseg: error: {e}" for e in errors))
     regs = {}
     for kind, name in (("lgbm", args.lgbm), ("cnn", args.cnn)):
         if name and name != "none":
@@ -420,8 +408,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
             raise SystemExit(f"wsiseg: error: {e}") from None
         m = pad_to(class_maps(predictor, image), 16)
         slide, _, rid = path.stem.rpartition("_")
+        if not (slide and rid):  # not a BreastPathQ <slide>_<rid> name
+            slide = rid = ""
         scores = [float(r.predict([m])[0]) for r in regs.values()]
-        rows.append([path.name, slide if slide and rid else "", rid if slide and rid else "", mpp, *scores])
+        rows.append([path.name, slide, rid, mpp, *scores])
         if not args.quiet:
             print(f"{path.name}: " + ", ".join(f"{k} {v:.3f}" for k, v in zip(regs, scores)))
     _write_csv(args.out, ["image", "slide", "rid", "mpp", *regs], rows)
