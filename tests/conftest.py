@@ -90,3 +90,27 @@ def tiny_unet_path(tmp_path_factory) -> Path:
             "classes": ["nucleus"], "mpp": 0.5, "activation": "sigmoid", "input_multiple": 4,
             "normalization": {"mean": [0.7, 0.55, 0.7], "std": [0.15, 0.2, 0.15]}}
     return save_model(net.eval(), meta, tmp_path_factory.mktemp("models") / "tiny")
+
+
+# --------------------------------------------------------------------------- test tiers
+# Tiers follow measured time: a test that is not marked `slow` and took longer than SLOW_SECONDS
+# (its setup, fixtures included, plus its call) is listed at the end of the run, so that
+# `pytest -m "not slow"` stays the quick tier. The README's `pytest` runs both tiers, as CI does.
+SLOW_SECONDS = 5.0
+_SPENT: dict[str, float] = {}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.when in ("setup", "call") and item.get_closest_marker("slow") is None:
+        _SPENT[item.nodeid] = _SPENT.get(item.nodeid, 0.0) + rep.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    over = sorted(((s, n) for n, s in _SPENT.items() if s > SLOW_SECONDS), reverse=True)
+    if over:
+        terminalreporter.section(f"tests not marked slow that took over {SLOW_SECONDS:g} s")
+        for s, n in over:
+            terminalreporter.write_line(f"{s:6.1f} s  {n}")

@@ -4,11 +4,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from tests.conftest import write_pyramid
 from wsiseg.cli import main
 
 
+@pytest.mark.slow
 def test_bench_reports_every_stage(tmp_path, monuseg_image, tiny_unet_path, capsys):
     slide = write_pyramid(tmp_path / "s.tif", np.ascontiguousarray(np.tile(monuseg_image, (2, 2, 1))), 0.25, 2)
     out = tmp_path / "bench.json"

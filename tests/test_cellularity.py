@@ -11,10 +11,10 @@ import json
 import numpy as np
 import pytest
 
-from cellularity import features as F
-from cellularity.metrics import (bootstrap_ci, cellularity_bins, cohen_kappa, evaluate, icc, icc_matrix, mse,
+from wsiseg.cellularity import features as F
+from wsiseg.cellularity.metrics import (bootstrap_ci, cellularity_bins, cohen_kappa, evaluate, icc, icc_matrix, mse,
                                  mse_ci, prediction_probability)
-from cellularity.proxy import (CHANNELS, class_maps, consep_image_id, load_consep, proxy_cellularity,
+from wsiseg.cellularity.proxy import (CHANNELS, class_maps, consep_image_id, load_consep, proxy_cellularity,
                                split_by_image)
 from tests.conftest import SHARED, need
 
@@ -357,7 +357,7 @@ def test_lightgbm_on_consep_proxy(consep_features, tmp_path):
     """Split by source image: train_1..train_16 fit, train_17..20 early-stopping validation,
     train_21..27 held out. A check, not a promise: on held-out images the model should beat
     predicting the training mean of the proxy (it does by a wide margin on ground-truth maps)."""
-    from cellularity.regressors import LightGBMRegressor
+    from wsiseg.cellularity.regressors import LightGBMRegressor
 
     tiles, X, y = consep_features
     assert len(tiles) == 27 * 4 and X.shape == (108, 81)
@@ -398,7 +398,7 @@ def test_lightgbm_on_consep_proxy(consep_features, tmp_path):
 
 
 def test_regressor_errors(tmp_path):
-    from cellularity.regressors import LightGBMRegressor
+    from wsiseg.cellularity.regressors import LightGBMRegressor
 
     with pytest.raises(RuntimeError, match="not fitted"):
         LightGBMRegressor().predict(np.zeros((1, 81)))

@@ -13,9 +13,9 @@ import shutil
 import numpy as np
 import pytest
 
-from cellularity.cnn import (N_BINS, CNNModelError, ImageCNNRegressor, MapCNNRegressor, bins_to_cellularity,
+from wsiseg.cellularity.cnn import (N_BINS, CNNModelError, ImageCNNRegressor, MapCNNRegressor, bins_to_cellularity,
                              cellularity_to_bins)
-from cellularity.data import consep_proxy_set, every_nth_image, load_breastpathq, read_breastpathq_csv
+from wsiseg.cellularity.data import consep_proxy_set, every_nth_image, load_breastpathq, read_breastpathq_csv
 from tests.conftest import SHARED, need
 
 CONSEP = SHARED / "consep" / "train"
@@ -193,7 +193,7 @@ def test_encoder_weights_from_local_safetensors(tmp_path):
     torch.manual_seed(1)
     src = timm.create_model("resnet34", pretrained=False)  # 3 channels, 1000 classes
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "enc.safetensors"))
-    from cellularity.cnn import _load_encoder_weights
+    from wsiseg.cellularity.cnn import _load_encoder_weights
 
     net = MapCNNRegressor()._build()
     desc = _load_encoder_weights(net, tmp_path / "enc.safetensors", 4)
@@ -271,5 +271,7 @@ def test_breastpathq_patches_are_read_at_20x_and_scored_by_eval_and_predict(tmp_
     assert (row["image"], row["slide"], row["rid"], float(row["mpp"])) == ("99788_1.tif", "99788", "1", 0.5)
     for reg in ("lgbm", "cnn"):
         assert float(row[reg]) == pytest.approx(float(rows["default"][reg]), abs=1e-6)
-    with pytest.raises(SystemExit, match="--mpp"):  # the file does not say its resolution
-        main(["cellularity", "predict", str(img_dir), "-o", str(pred)])
+    capsys.readouterr()
+    # the file does not say its resolution: reported, as wsiseg run reports it, and exit 1
+    assert main(["cellularity", "predict", str(img_dir), "-o", str(pred)]) == 1
+    assert "99788_1.tif" in (err := capsys.readouterr().err) and "--mpp" in err

@@ -142,6 +142,6 @@ def test_truncated_pyramidal_tiff_is_reported(tmp_path, monuseg_image, tiny_unet
     code, res = run_cli(*bad, "--model", tiny_unet_path, "-o", tmp_path / "out", capsys=capsys)
     assert code == 1 and "Traceback" not in res.err
     for p in bad:
-        line = next(l for l in res.err.splitlines() if str(p) in l)
+        line = next(ln for ln in res.err.splitlines() if str(p) in ln)
         assert "damaged" in line or "truncated" in line, line
         assert not (tmp_path / "out" / p.stem / "summary.json").exists()

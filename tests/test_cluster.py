@@ -37,6 +37,7 @@ def test_cluster_results_equal_single_process(tmp_path, monuseg_image, tiny_unet
 def _dies_once(path, out_dir, model, cfg, marker):
     """A slide task whose first attempt SIGKILLs its worker process half-way through."""
     from wsiseg.cluster import _predictor
+    from wsiseg.predict import PredictorSpec
     from wsiseg.pipeline import RunConfig, run_slide
 
     first = not os.path.exists(marker)
@@ -49,7 +50,7 @@ def _dies_once(path, out_dir, model, cfg, marker):
         if first and seen[0] >= 16:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    res = run_slide(path, out_dir, _predictor(model, "cpu", 1), RunConfig(**cfg), progress=progress)
+    res = run_slide(path, out_dir, _predictor(PredictorSpec(model, "cpu", 1)), RunConfig(**cfg), progress=progress)
     return res.status
 
 
@@ -89,3 +90,22 @@ def test_one_slide_split_over_workers_equals_single_process(tmp_path, monuseg_im
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
     g = zarr.open_group(str(tmp_path / "split" / "big" / "probabilities.zarr"), mode="r")
     assert g.attrs["wsiseg"]["complete"]
+
+
+@pytest.mark.slow
+def test_a_local_cluster_ends_with_its_client():
+    """Leaving make_client's ``with`` ends its worker processes (they used to outlive it)."""
+    import psutil
+
+    from wsiseg.cluster import make_client
+
+    with make_client("local:2") as client:
+        pids = set(client.run(os.getpid).values())
+        assert len(pids) == 2 and os.getpid() not in pids
+    alive = []
+    for pid in pids:
+        try:
+            alive.append(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+        except psutil.NoSuchProcess:
+            alive.append(False)
+    assert not any(alive), pids

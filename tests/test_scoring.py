@@ -72,9 +72,9 @@ def _class_model(tmp_path):
 @pytest.fixture(scope="module")
 def lgbm_path(tmp_path_factory):
     """A LightGBM regressor fitted on real CoNSeP label maps (PROXY labels), per-pixel features."""
-    from cellularity.features import FEATURE_NAMES
-    from cellularity.proxy import load_consep
-    from cellularity.regressors import LightGBMRegressor
+    from wsiseg.cellularity.features import FEATURE_NAMES
+    from wsiseg.cellularity.proxy import load_consep
+    from wsiseg.cellularity.regressors import LightGBMRegressor
 
     need(CONSEP)
     names = sorted(p.stem for p in (CONSEP / "classes").glob("*.png"))[::6][:60]
@@ -96,8 +96,8 @@ def lgbm_path(tmp_path_factory):
 def test_batched_scoring_equals_patch_by_patch(lgbm_path):
     """The run's LightGBM scorer computes features in a thread pool over a batch of windows of
     mixed sizes; it must give what one patch at a time gives."""
-    from cellularity.proxy import load_consep
-    from cellularity.regressors import LightGBMRegressor
+    from wsiseg.cellularity.proxy import load_consep
+    from wsiseg.cellularity.regressors import LightGBMRegressor
     from wsiseg.scoring import _LGBM
 
     names = sorted(p.stem for p in (CONSEP / "classes").glob("*.png"))[1::9][:6]
@@ -109,6 +109,35 @@ def test_batched_scoring_equals_patch_by_patch(lgbm_path):
     np.testing.assert_allclose(scorer.predict(maps), ref, rtol=0, atol=1e-12)
     assert len(np.unique(np.round(ref, 6))) > 1  # the patches differ, so order matters
     assert scorer.predict([]).shape == (0,)
+
+
+@pytest.mark.slow
+def test_run_map_cnn_uses_the_fastest_exact_cpu_runtime():
+    """The run's map CNN (the shipped one): on the CPU, for a slide with enough windows, OpenVINO
+    when installed and exact on a probe batch, else torch; its scores on real CoNSeP class maps
+    (windows of mixed sizes, tiled at the CNN's input size) equal those of the torch network."""
+    from wsiseg.cellularity.proxy import load_consep
+    from wsiseg.predict import openvino_available
+    from wsiseg.scoring import _CNN, _find
+
+    names = sorted(p.stem for p in (CONSEP / "classes").glob("*.png"))[::7][:8]
+    maps = [t.probs for t in load_consep(CONSEP, names)]
+    maps[0] = maps[0][:, :90, :70]  # a partial window
+    maps.append(np.concatenate([np.concatenate(maps[1:3], 2), np.concatenate(maps[3:5], 2)], 1))  # 256 px: 4 tiles
+    fast = _CNN(_find("cellularity-cnn-proxy", (".safetensors",)))
+    fast.prepare(fast.OPENVINO_FROM_WINDOWS - 1)  # a small slide: the compilation would not pay
+    assert fast.backend == "torch"
+    fast.prepare(fast.OPENVINO_FROM_WINDOWS)
+    assert fast.backend == ("openvino" if openvino_available() else "torch")
+    got = fast.predict(maps)
+    plain = _CNN.__new__(_CNN)
+    plain.size = fast.size
+    from wsiseg.cellularity.cnn import MapCNNRegressor
+
+    plain.model = MapCNNRegressor.load(_find("cellularity-cnn-proxy", (".safetensors",)))  # torch
+    ref = plain.predict(maps)
+    assert len(np.unique(np.round(ref, 4))) > 3  # the windows differ
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -132,7 +161,7 @@ def test_run_writes_cellularity_table_heatmap_and_summary(tmp_path, monuseg_imag
     vals = np.array([float(r["cellularity_lgbm"]) for r in rows])
     assert c["cellularity_lgbm"]["median"] == pytest.approx(np.median(vals), abs=1e-3)
     # each row's score is the regressor's on the 81 features of the maps under its box
-    from cellularity.regressors import LightGBMRegressor
+    from wsiseg.cellularity.regressors import LightGBMRegressor
 
     reg = LightGBMRegressor.load(lgbm_path.with_name(lgbm_path.name + ".txt"))
     X = np.stack([patch_features(pad_to(_window_maps(d, r), 128)) for r in rows])
@@ -141,6 +170,39 @@ def test_run_writes_cellularity_table_heatmap_and_summary(tmp_path, monuseg_imag
     from PIL import Image
 
     assert Image.open(d / "heatmap.png").size[0] > 100
+
+
+@pytest.mark.slow
+def test_an_image_smaller_than_a_window_is_scored_on_its_own_extent(tmp_path, monuseg_image, lgbm_path):
+    """A 128 x 160 px patch at the model's resolution (smaller than the 512 px window) is scored on
+    its own map, as the regressors were trained on patches of their own size, not on the map
+    padded with background to 512 px (which divides its per-pixel features by 16x its area)."""
+    from wsiseg.cellularity.regressors import LightGBMRegressor
+
+    img = write_png(tmp_path / "small.png", monuseg_image[300:556, 200:520])
+    out = tmp_path / "out"
+    assert main(["run", "-q", str(img), "--mpp", "0.25", "--model", "unet-bn-nuclei-classes-20x", "-o", str(out),
+                 "--lgbm", str(lgbm_path), "--cnn", "none"]) == 0
+    d = out / "small"
+    rows = list(csv.DictReader(open(d / "cellularity.csv")))
+    assert len(rows) == 1 and (int(rows[0]["width"]), int(rows[0]["height"])) == (320, 256)
+    m = _window_maps(d, rows[0])
+    assert m.shape == (4, 128, 160)
+    reg = LightGBMRegressor.load(lgbm_path.with_name(lgbm_path.name + ".txt"))
+    own, padded = reg.predict(np.stack([patch_features(m), patch_features(pad_to(m, 512))]))
+    assert float(rows[0]["cellularity_lgbm"]) == pytest.approx(own, abs=6e-5)
+    assert abs(own - padded) > 1e-3  # the padded window would have given another score
+
+
+def test_malignant_share_is_the_proxy_read_off_the_maps():
+    from wsiseg.scoring import malignant_share
+
+    m = np.zeros((4, 10, 10), np.float32)
+    m[3] = 1
+    assert malignant_share(m) == 0.0  # no nuclei
+    m[2, :2] = 1.0  # 20 px malignant
+    m[1, 2:8] = 0.5  # 60 px at 0.5: 30 lymphocyte
+    assert malignant_share(m) == pytest.approx(20 / 50)
 
 
 @pytest.mark.slow
@@ -185,6 +247,8 @@ def test_cellularity_train_and_eval_cli(tmp_path):
                  "--val-every", "2", "--lgbm", str(stem), "--cnn", "none", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["rows"]["lgbm"]["mse"] == pytest.approx(meta["validation_metrics"]["mse"], rel=1e-6)
+    share = res["rows"]["share (no learning)"]  # the no-learning baseline, on the same patches
+    assert share["n"] == res["rows"]["lgbm"]["n"] and 0 <= share["mse"] < 1
 
 
 @pytest.mark.slow

@@ -140,7 +140,7 @@ def test_thumbnail_reads_bounded_pieces(tmp_path, monuseg_image):
 
 
 def _stream_tiles(view, grid, todo, **kw):
-    from wsiseg.tiling import TileStream
+    from wsiseg.schedule import TileStream
 
     s = TileStream(view, grid, todo, 5, workers=2, **kw)
     tiles, where = [], []

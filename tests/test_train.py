@@ -22,6 +22,7 @@ def test_split_is_by_image_one_per_organ():
     assert 0.05 < s.mask.mean() < 0.6  # resampled mask keeps the nuclei
 
 
+@pytest.mark.slow
 def test_train_few_steps_checkpoint_and_resume(tmp_path):
     cfg = TrainConfig.from_yaml("configs/unet_bn_monuseg_20x.yaml")
     cfg = dataclasses.replace(cfg, data=str(need(MONUSEG)), arch_kwargs={"base": 4, "depth": 2}, steps=4,
@@ -63,6 +64,7 @@ def test_resampled_copy_loads_the_same_pixels(tmp_path):
         assert (x.image == y.image).all() and (x.mask == y.mask).all() and (x.instances == y.instances).all()
 
 
+@pytest.mark.slow
 def test_train_with_loader_workers_and_a_time_budget(tmp_path):
     """Crops cut by 2 data-loader processes; the time budget (not the step count) ends the run,
     which still validates and saves at its last step."""
@@ -88,6 +90,7 @@ def test_train_with_loader_workers_and_a_time_budget(tmp_path):
     assert meta["training"]["config"]["workers"] == 2
 
 
+@pytest.mark.slow
 def test_train_cli_set_overrides(tmp_path, capsys):
     from wsiseg.cli import main
 

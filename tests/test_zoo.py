@@ -225,7 +225,7 @@ def test_ensemble_of_trained_models_maps_each_normalisation(crops, tmp_path, mon
         paths.append(save_model(n, {"id": f"m{i}", "architecture": "unet_bn", "arch_kwargs": {"base": 4, "depth": 2},
                                     "classes": ["nucleus"], "mpp": 0.5, "input_multiple": 4,
                                     "normalization": {"mean": mu.tolist(), "std": sd.tolist()}}, tmp_path / f"m{i}"))
-    ens = UNetEnsemble(paths).eval()
+    ens = build_model("unet_ensemble", members=paths).eval()
     assert ens.reference["normalization"]["mean"] == pytest.approx(MEAN.tolist())
     img = monuseg_image[:64, :64].astype(np.float32) / 255
     with torch.no_grad():
@@ -276,7 +276,7 @@ def test_gb_unet_second_stage_sees_first_stage_features_and_image(crops):
         h.remove()
         assert torch.allclose(s1[:, :4], got[0])
     # trained end to end when asked
-    gb2 = GBUNet(_small_members(), base=8, depth=3, freeze_first_stage=False)
+    gb2 = build_model("gb_unet", members=_small_members(), base=8, depth=3, freeze_first_stage=False)
     _forward_backward(gb2, x, m)
     assert _first_param(gb2.members[1].net.encoder).grad.abs().sum() > 0
 

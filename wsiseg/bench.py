@@ -7,7 +7,7 @@ same slide, model, tile size, overlap, batch size and device, in one command:
 stage                what runs
 ===================  =========================================================================
 ``read_only``        open, thumbnail + tissue mask, tile grid, then the tissue tiles read the
-                     way the pipeline reads them (:class:`~wsiseg.tiling.TileStream` over
+                     way the pipeline reads them (:class:`~wsiseg.schedule.TileStream` over
                      :func:`~wsiseg.tiling.window_blocks`: pieces of a band's rows read in the
                      pipeline's reader threads) and cut into batches; no model
 ``model_only``       the :class:`~wsiseg.predict.Predictor` alone on batches of real tiles cut
@@ -266,10 +266,10 @@ def _setup(slide: Path, mpp: float, cfg):
                                                                           max_tiles=cfg.block_tiles)
 
 
-def stage_read_only(slide: Path, model, cfg, **_: Any) -> dict:
+def stage_read_only(slide: Path, model, cfg, spec=None, **_: Any) -> dict:
     """The tissue tiles read and cut into batches as :func:`wsiseg.pipeline.infer_bands` does
-    (:class:`~wsiseg.tiling.TileStream`), no model."""
-    from wsiseg.tiling import TileStream
+    (:class:`~wsiseg.schedule.TileStream`), no model."""
+    from wsiseg.schedule import TileStream
 
     t0 = time.perf_counter()
     reader, view, grid, keep, todo = _setup(slide, model.mpp, cfg)
@@ -292,14 +292,18 @@ def stage_read_only(slide: Path, model, cfg, **_: Any) -> dict:
             "loop_tiles_per_second": round(n / loop, 2) if loop > 0 else None}
 
 
-def stage_model_only(slide: Path, model, cfg, device: str = "cpu", threads: int | None = None,
-                     min_seconds: float = 10.0, max_batches: int = 1000, backend: str = "torch", **_: Any) -> dict:
+def stage_model_only(slide: Path, model, cfg, spec, min_seconds: float = 10.0, max_batches: int = 1000,
+                     **_: Any) -> dict:
     """The Predictor alone on batches of real tissue tiles from the slide (after 2 warm-up batches)
     until ``min_seconds`` have passed (at least 3 batches, at most ``max_batches``)."""
     import numpy as np
 
+    from wsiseg.stain import for_slide, resolve_spec
+
     reader, view, grid, keep, todo = _setup(slide, model.mpp, cfg)
     try:
+        # the slide's stain transform, as run_slide fits it (untimed: once per slide)
+        stain, _ = for_slide(resolve_spec(cfg.stain, cfg.stain_target, cfg.clahe, model.meta), view, grid, keep)
         rows, cols = np.nonzero(keep) if keep.any() else np.nonzero(np.ones_like(keep))
         k = min(len(rows), 4 * cfg.batch_size)
         pick = np.linspace(0, len(rows) - 1, k).round().astype(int)
@@ -310,7 +314,8 @@ def stage_model_only(slide: Path, model, cfg, device: str = "cpu", threads: int 
         tiles += tiles
     batches = [np.stack([tiles[(b * cfg.batch_size + j) % len(tiles)] for j in range(cfg.batch_size)])
                for b in range(max(1, len(tiles) // cfg.batch_size))]
-    predictor, setup = _timed_predictor(model, device, threads, backend)
+    predictor, setup = _timed_predictor(model, spec)
+    predictor = predictor.with_stain(stain)
     for i in range(2):
         predictor(batches[i % len(batches)])
     timer = _gpu_start(predictor)
@@ -324,25 +329,23 @@ def stage_model_only(slide: Path, model, cfg, device: str = "cpu", threads: int 
     out = {"tiles": n, "batches": n_batches, "seconds": round(dt, 3), "loop_seconds": round(dt, 3),
            "tiles_per_second": round(n / dt, 2), "loop_tiles_per_second": round(n / dt, 2),
            "distinct_tiles": len(tiles), "device": str(predictor.device),
-           "predictor_setup_seconds": round(setup, 3)}
+           "backend": predictor.backend, "predictor_setup_seconds": round(setup, 3)}
     out.update(_gpu_stop(timer, dt))
     return out
 
 
-def _timed_predictor(model, device: str, threads: int | None, backend: str):
-    """(the Predictor, seconds its construction took: OpenVINO's compilation and INT8 quantisation
-    happen there, outside the stages' timed loops)."""
-    from wsiseg.predict import Predictor
-
+def _timed_predictor(model, spec):
+    """(the spec's Predictor of the loaded ``model``, seconds its construction took: OpenVINO's
+    compilation and INT8 quantisation happen there, outside the stages' timed loops)."""
     t = time.perf_counter()
-    predictor = Predictor(model, device, threads=threads, backend=backend)
+    predictor = spec.build(model)
     return predictor, time.perf_counter() - t
 
 
-def _run_pipeline(slide: Path, model, cfg, device: str, threads: int | None, backend: str = "torch") -> dict:
+def _run_pipeline(slide: Path, model, cfg, spec) -> dict:
     from wsiseg.pipeline import run_slide
 
-    predictor, setup = _timed_predictor(model, device, threads, backend)
+    predictor, setup = _timed_predictor(model, spec)
     timer = _gpu_start(predictor)
     with tempfile.TemporaryDirectory(prefix="wsiseg-bench-") as tmp:
         res = run_slide(slide, Path(tmp) / "out", predictor, cfg)
@@ -356,32 +359,31 @@ def _run_pipeline(slide: Path, model, cfg, device: str, threads: int | None, bac
            "tiles_per_second": s["tiles_per_second"],
            "loop_tiles_per_second": round(n / loop, 2) if loop > 0 else None,
            "seconds_by_step": sec, "status": s["status"], "device": s["device"], "torch_threads": s["torch_threads"],
-           "zarr_bytes": zbytes, "shape": s["shape"], "model": s["model"],
+           "zarr_bytes": zbytes, "shape": s["shape"], "model": s["model"], "backend": s.get("backend"),
            "predictor_setup_seconds": round(setup, 3)}
     out.update(_gpu_stop(timer, loop))
     return out
 
 
-def stage_blend_write_only(slide: Path, model, cfg, device: str = "cpu", threads: int | None = None, **_: Any) -> dict:
+def stage_blend_write_only(slide: Path, model, cfg, spec, **_: Any) -> dict:
     """run_slide with a network that has no learned compute (see :func:`identity_model`), on the
-    torch backend whatever ``backend`` the other stages use (there is no network to compile)."""
-    return _run_pipeline(slide, identity_model(model), cfg, device, threads)
+    torch backend whatever backend the other stages use (there is no network to compile)."""
+    from dataclasses import replace
+
+    return _run_pipeline(slide, identity_model(model), cfg, replace(spec, backend="torch"))
 
 
-def stage_end_to_end(slide: Path, model, cfg, device: str = "cpu", threads: int | None = None,
-                     backend: str = "torch", **_: Any) -> dict:
+def stage_end_to_end(slide: Path, model, cfg, spec, **_: Any) -> dict:
     """run_slide with the real model, as ``wsiseg run`` does it."""
-    return _run_pipeline(slide, model, cfg, device, threads, backend)
+    return _run_pipeline(slide, model, cfg, spec)
 
 
-def stage_features(slide: Path, model, cfg, device: str = "cpu", threads: int | None = None,
-                   backend: str = "torch", **_: Any) -> dict:
+def stage_features(slide: Path, model, cfg, spec, **_: Any) -> dict:
     """The cellularity stage on the slide's finished map (made first, untimed): windows/s."""
     from wsiseg.pipeline import run_slide
-    from wsiseg.predict import Predictor
     from wsiseg.scoring import score_map
 
-    predictor = Predictor(model, device, threads=threads, backend=backend)
+    predictor = spec.build(model)
     with tempfile.TemporaryDirectory(prefix="wsiseg-bench-") as tmp:
         out = Path(tmp) / "out"
         run_slide(slide, out, predictor, cfg)
@@ -409,14 +411,15 @@ _STAGE_FUNCS: dict[str, Callable[..., dict]] = {
 def run_stage(stage: str, slide: str | Path, model: str | None = None, device: str = "cpu", batch_size: int = 8,
               tile: int = 256, overlap: float = 0.5, workers: int = 2, threads: int | None = None,
               tissue: bool = True, model_seconds: float = 10.0, blend_thread: str = "auto",
-              blend_on_device: bool = False, backend: str = "torch") -> dict:
+              blend_on_device: bool = False, backend: str = "auto", stain: str | None = None,
+              stain_target: str | None = None, clahe: bool | None = None) -> dict:
     """One stage in this process; adds ``peak_rss_mb`` (this process's peak so far) and
     ``rss_after_setup_mb`` (the peak after imports and model loading, before the stage)."""
     import torch  # imports (torch, and the pipeline's below) count as setup, as for run_slide
 
     from wsiseg.models.registry import load_model
     from wsiseg.pipeline import BLEND_THREAD, RunConfig
-    from wsiseg.predict import resolve_device
+    from wsiseg.predict import PredictorSpec, resolve_device
 
     if stage not in _STAGE_FUNCS:
         raise ValueError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
@@ -425,11 +428,11 @@ def run_stage(stage: str, slide: str | Path, model: str | None = None, device: s
     # the tile pipeline's stages without the cellularity stage, which is measured on its own
     cfg = RunConfig(tile=tile, overlap=overlap, batch_size=batch_size, workers=workers, tissue=tissue, overwrite=True,
                     cellularity=False, blend_thread=BLEND_THREAD[blend_thread],
-                    blend_on_device=blend_on_device)
+                    blend_on_device=blend_on_device, stain=stain, stain_target=stain_target, clahe=clahe)
     before = _rss_mb()
     cpu0 = time.process_time()
-    res = _STAGE_FUNCS[stage](Path(slide), m, cfg, device=device, threads=threads, min_seconds=model_seconds,
-                              backend=backend)
+    spec = PredictorSpec(model, device, threads, backend=backend)
+    res = _STAGE_FUNCS[stage](Path(slide), m, cfg, spec, min_seconds=model_seconds)
     cpu = time.process_time() - cpu0
     after = _rss_mb()
     # CPU time of all the process's threads over the stage (setup included): on a shared machine
@@ -447,7 +450,8 @@ def run_stage_subprocess(stage: str, slide: str | Path, model: str | None = None
                          batch_size: int = 8, tile: int = 256, overlap: float = 0.5, workers: int = 2,
                          threads: int | None = None, tissue: bool = True, model_seconds: float = 10.0,
                          python: str | None = None, timeout: float | None = None, blend_thread: str = "auto",
-                         blend_on_device: bool = False, backend: str = "torch") -> dict:
+                         blend_on_device: bool = False, backend: str = "auto", stain: str | None = None,
+                         stain_target: str | None = None, clahe: bool | None = None) -> dict:
     """:func:`run_stage` in a fresh Python process, so the peak RSS is the stage's own."""
     cmd = [python or sys.executable, "-m", "wsiseg.bench", "--child-stage", stage, str(slide), "--device", device,
            "--batch-size", str(batch_size), "--tile", str(tile), "--overlap", str(overlap), "--workers", str(workers),
@@ -460,6 +464,8 @@ def run_stage_subprocess(stage: str, slide: str | Path, model: str | None = None
         cmd += ["--no-tissue-mask"]
     cmd += ["--blend-thread", blend_thread] + (["--blend-on-device"] if blend_on_device else [])
     cmd += ["--backend", backend]
+    cmd += (["--stain", stain] if stain else []) + (["--stain-target", str(stain_target)] if stain_target else [])
+    cmd += [] if clahe is None else (["--clahe"] if clahe else ["--no-clahe"])
     return run_tagged(cmd, _RESULT_TAG, f"bench stage {stage}", timeout)
 
 
@@ -524,7 +530,8 @@ def bench(slide_path: str | Path, model: str | None = None, device: str = "cpu",
           overlap: float = 0.5, out_json: str | Path | None = None, *, stages: tuple[str, ...] = STAGES,
           workers: int = 2, threads: int | None = None, tissue: bool = True, model_seconds: float = 10.0,
           isolate: bool = True, verbose: bool = True, blend_thread: str = "auto",
-          blend_on_device: bool = False, backend: str = "torch") -> dict:
+          blend_on_device: bool = False, backend: str = "auto", stain: str | None = None,
+          stain_target: str | None = None, clahe: bool | None = None) -> dict:
     """Measure every stage on ``slide_path``; return (and write to ``out_json``) the results.
 
     ``model``: a shipped name, a ``.safetensors`` path, ``None`` (the default model) or
@@ -541,14 +548,16 @@ def bench(slide_path: str | Path, model: str | None = None, device: str = "cpu",
             "benchmark": "wsiseg.bench", "slide": _slide_info(slide, model), "device": dev, "batch_size": batch_size,
             "tile": tile, "overlap": overlap, "workers": workers, "threads": threads, "tissue_mask": tissue,
             "isolated_processes": isolate, "blend_thread": blend_thread,
-            "blend_on_device": blend_on_device, "backend": backend, "machine": machine(), "stages": {},
+            "blend_on_device": blend_on_device, "backend": backend,
+            "stain": {"method": stain, "target": stain_target, "clahe": clahe}, "machine": machine(), "stages": {},
         }
         for st in stages:
             if st not in _STAGE_FUNCS:
                 raise ValueError(f"unknown stage {st!r}; known: {', '.join(STAGES)}")
             kw = dict(model=model, device=dev, batch_size=batch_size, tile=tile, overlap=overlap, workers=workers,
                       threads=threads, tissue=tissue, model_seconds=model_seconds, blend_thread=blend_thread,
-                      blend_on_device=blend_on_device, backend=backend)
+                      blend_on_device=blend_on_device, backend=backend, stain=stain, stain_target=stain_target,
+                      clahe=clahe)
             if verbose:
                 print(f"bench: {st} ...", file=sys.stderr, flush=True)
             r = run_stage_subprocess(st, slide, **kw) if isolate else run_stage(st, slide, **kw)
@@ -583,6 +592,8 @@ def bench(slide_path: str | Path, model: str | None = None, device: str = "cpu",
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The bench options, for ``wsiseg bench`` (a subparser) or ``python -m wsiseg.bench``."""
+    from wsiseg.stain import add_arguments as stain_arguments
+
     p.add_argument("slide", help="a whole-slide image (anything OpenSlide opens)")
     p.add_argument("--model", default=None, help="shipped name, NAME.safetensors path, or 'untrained' (timing only)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -596,9 +607,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="blend each batch in a thread beside the next batch's inference (auto: on with CUDA)")
     p.add_argument("--blend-on-device", action="store_true",
                    help="blend on the GPU (accumulators there, uint8 blocks copied back)")
-    p.add_argument("--backend", default="torch", choices=["torch", "openvino", "openvino-int8"],
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "openvino", "openvino-int8"],
                    help="the network's runtime on the CPU: torch (eager), openvino (same weights) or openvino-int8 "
                         "(quantised by NNCF); wsiseg[openvino]")
+    stain_arguments(p)  # as wsiseg run (none: as the model's sidecar says)
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument("--model-seconds", type=float, default=10.0, help="how long model_only runs (after warm-up)")
     p.add_argument("--in-process", action="store_true", help="all stages in this process (peak RSS cumulative)")
@@ -621,14 +633,15 @@ def run_args(a: argparse.Namespace) -> int:
         if a.child_stage:
             res = run_stage(a.child_stage, a.slide, a.model, a.device, a.batch_size, a.tile, a.overlap, a.workers,
                             a.threads, not a.no_tissue_mask, a.model_seconds, a.blend_thread, a.blend_on_device,
-                            a.backend)
+                            a.backend, a.stain, a.stain_target, a.clahe)
             print(_RESULT_TAG + json.dumps(res), flush=True)
             return 0
         stages = tuple(s.strip() for s in a.stages.split(",") if s.strip())
         bench(a.slide, a.model, a.device, a.batch_size, a.tile, a.overlap, a.json, stages=stages, workers=a.workers,
               threads=a.threads, tissue=not a.no_tissue_mask, model_seconds=a.model_seconds,
               isolate=not a.in_process, blend_thread=a.blend_thread,
-              blend_on_device=a.blend_on_device, backend=a.backend)
+              blend_on_device=a.blend_on_device, backend=a.backend, stain=a.stain, stain_target=a.stain_target,
+              clahe=a.clahe)
     except (SlideError, ModelError, ValueError) as e:
         print(f"wsiseg bench: error: {e}", file=sys.stderr)
         return 2

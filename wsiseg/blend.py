@@ -1,13 +1,13 @@
 """Seamless blending of overlapping tile predictions with bounded memory.
 
 Each tile's probabilities are weighted by a window and accumulated as a weighted sum and a
-weight per pixel; a pixel's value is sum / weight. :class:`BandBlender` keeps accumulators per
+weight per pixel; a pixel's value is sum / weight. :class:`tests.reference.BandBlender` (the oracle) keeps accumulators per
 band of ``band`` rows (the store's chunk height) across the whole width and releases a band as
 soon as no later tile can touch it: memory follows the slide's width. :class:`ChunkBlender`
 (what the pipeline uses) keeps them per block of one band by a few chunk widths and releases
 each block once its last tile is in; with tiles in :func:`wsiseg.tiling.window_blocks` order its
 memory is a few blocks plus the strip the current band's tiles reach into the next, and its
-output is bit-identical to :class:`BandBlender`'s.
+output is bit-identical to that oracle's.
 """
 from __future__ import annotations
 
@@ -19,6 +19,11 @@ import time
 from typing import Iterator
 
 import numpy as np
+
+# Blocks waiting for the next band stay in memory up to this many MB, then go to a spill folder
+# (``wsiseg-blend-*``; the pipeline puts it in the run folder, so a killed run leaves nothing
+# elsewhere and the next run removes it).
+SPILL_MB = 16.0
 
 
 def window(tile: int, kind: str = "hann") -> np.ndarray:
@@ -124,80 +129,8 @@ class BufferPool:
             self._bytes += len(m)
 
 
-class BandBlender:
-    """Weighted accumulation of (C, T, T) tiles into an (C, H, W) image, band by band.
-
-    ``first_band``: bands before it are already written (a resumed run) and ``stop_band``: the
-    first band not ours; contributions outside are dropped. Tile coordinates are model px and
-    may reach outside the image.
-    """
-
-    def __init__(self, shape: tuple[int, int], channels: int, tile: int, band: int,
-                 kind: str = "hann", first_band: int = 0, stop_band: int | None = None):
-        self.H, self.W = shape
-        self.C = channels
-        self.band = band
-        self.win = window(tile, kind)
-        self.tile = tile
-        # Bands [first_band, stop_band) are ours; contributions elsewhere are dropped (resumed
-        # runs, or another process writing the other bands).
-        self.n_bands = -(-self.H // band) if stop_band is None else min(stop_band, -(-self.H // band))
-        self.next_band = first_band  # the first band not yet emitted
-        self._acc: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-
-    def _get(self, b: int):
-        acc = self._acc.get(b)
-        if acc is None:
-            rows = min(self.band, self.H - b * self.band)
-            acc = (np.zeros((self.C, rows, self.W), np.float32), np.zeros((rows, self.W), np.float32))
-            self._acc[b] = acc
-        return acc
-
-    def add(self, probs: np.ndarray, y: int, x: int) -> None:
-        """Accumulate one tile's probabilities (C, T, T) float32 at model px (y, x)."""
-        T = self.tile
-        x0, x1 = max(x, 0), min(x + T, self.W)
-        if x1 <= x0:
-            return
-        y_start = max(y, 0, self.next_band * self.band)
-        y_end = min(y + T, self.H, self.n_bands * self.band)
-        yy = y_start
-        while yy < y_end:
-            b = yy // self.band
-            b_end = min((b + 1) * self.band, y_end)
-            s, wsum = self._get(b)
-            ty0, ty1 = yy - y, b_end - y
-            r0, r1 = yy - b * self.band, b_end - b * self.band
-            w = self.win[ty0:ty1, x0 - x : x1 - x]
-            s[:, r0:r1, x0:x1] += probs[:, ty0:ty1, x0 - x : x1 - x] * w
-            wsum[r0:r1, x0:x1] += w
-            yy = b_end
-
-    def release(self, final_row: int) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield (band index, (C, rows, W) float32 probabilities) for every band whose rows are
-        all below ``final_row`` (no later tile touches them), in order. Pass the image height
-        (or more) at the end to release the rest."""
-        while self.next_band < self.n_bands:
-            b = self.next_band
-            end = min((b + 1) * self.band, self.H)
-            if end > final_row:
-                return
-            s, wsum = self._acc.pop(b, (None, None))
-            if s is None:
-                rows = end - b * self.band
-                out = np.zeros((self.C, rows, self.W), np.float32)
-            else:
-                out = normalise(s, wsum, s)
-            self.next_band += 1
-            yield b, out
-
-    @property
-    def open_bands(self) -> int:
-        return len(self._acc)
-
-
 class ChunkBlender:
-    """The same weighted accumulation as :class:`BandBlender`, held in blocks of ``band`` rows by
+    """The same weighted accumulation as the band-by-band oracle (``tests/reference.py``), held in blocks of ``band`` rows by
     ``cols`` columns (a multiple of the store's chunk width) instead of whole-width bands.
 
     ``expect(y, x)`` announces each tile before the first ``add``; a block is released, normalised,
@@ -206,9 +139,10 @@ class ChunkBlender:
     band plus the strip that its tiles reach into the next band (``tile - stride`` rows, or so,
     allocated only as deep as tiles reach). That strip spans the width: once the current band's
     blocks in its columns are released, its blocks wait for the next band's pass, in memory up
-    to ``spill_mb`` and beyond that in a temporary folder (``spill_dir``, default the system's),
+    to ``spill_mb`` (default :data:`SPILL_MB`) and beyond that in a temporary folder
+    (``wsiseg-blend-*`` in ``spill_dir``, default the system's temporary folder),
     read back when the next band reaches them; memory is then flat in the slide's size. Values
-    are bit-identical to :class:`BandBlender` when every pixel receives its tiles in the same
+    are bit-identical to that oracle when every pixel receives its tiles in the same
     order (window_blocks guarantees that). Blocks live in recycled buffers of their own pages
     (:class:`BufferPool`). Call :meth:`close` (or use ``with``) to remove the temporary folder
     early.
@@ -216,7 +150,7 @@ class ChunkBlender:
 
     def __init__(self, shape: tuple[int, int], channels: int, tile: int, band: int, kind: str = "hann",
                  first_band: int = 0, stop_band: int | None = None, cols: int | None = None,
-                 spill_mb: float = 16, spill_dir: str | None = None):
+                 spill_mb: float | None = None, spill_dir: str | None = None):
         self.H, self.W = shape
         self.C = channels
         self.band = band
@@ -233,7 +167,7 @@ class ChunkBlender:
         self._next = (first_band, 0)  # the first block not yet released
         self._waiting: dict[tuple[int, int], int] = {}  # blocks waiting for a later band: bytes in memory
         self._waiting_bytes = 0
-        self._spill_bytes = int(spill_mb * 2**20)
+        self._spill_bytes = int((SPILL_MB if spill_mb is None else spill_mb) * 2**20)
         self._spill_root = spill_dir
         self._spill_dir: str | None = None
         self._spilled: dict[tuple[int, int], tuple[str, int]] = {}  # block -> (file, rows)

@@ -7,10 +7,10 @@ Data sources (``--data KIND:PATH``, repeatable):
   ``--mpp`` gives the patches' resolution (default 0.5 um/px: BreastPathQ's patches are 20x.
   The files do not say it; on the one public patch the default model's nuclei measure a median
   7.0 um across read at 0.5 um/px and 3.9 um read at 0.25, against 5.5 um for MoNuSeg's annotated
-  breast nuclei at their known 0.25 um/px: ``benchmarks/breastpathq_scale.py``).
+  breast nuclei at their known 0.25 um/px: ``benchmarks/experiments/breastpathq_scale.py``).
 * ``consep:DIR`` (a CoNSeP split: ``images/``, ``classes/``) and ``monusac:DIR``
   (``images/``, ``masks/``): class-labelled nuclei; the label is the PROXY
-  tumour nuclear area / all nuclear area (see :mod:`cellularity.proxy`), never the pathologists'
+  tumour nuclear area / all nuclear area (see :mod:`wsiseg.cellularity.proxy`), never the pathologists'
   cellularity, and it is named ``proxy`` wherever it is reported.
 
 Each patch goes through the segmentation model (``--model``, which must have the Normal,
@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from wsiseg.scoring import CLASS_INPUTS, patch_features
+from wsiseg.stain import StainError, for_image, resolve_spec
+from wsiseg.stain import add_arguments as stain_arguments
 
 BREASTPATHQ_MPP = 0.5  # um/px of BreastPathQ's 512 px patches (20x; see the module's docstring)
 
@@ -66,7 +68,7 @@ def load_patches(spec: str, mpp: float, src_mpp: float | None = None, images: st
             out.append(Patch(f"{kind}/{s.name}", f"{kind}/{s.group}", s.image, y, "proxy"))
         return out
     if kind == "breastpathq":
-        from cellularity.data import load_breastpathq
+        from wsiseg.cellularity.data import load_breastpathq
         from wsiseg.train.datasets import resample
 
         csv_path = Path(path)
@@ -77,8 +79,10 @@ def load_patches(spec: str, mpp: float, src_mpp: float | None = None, images: st
     raise ValueError(f"--data {spec!r}: unknown kind {kind!r} (breastpathq, consep or monusac)")
 
 
-def class_maps(predictor, image: np.ndarray) -> np.ndarray:
-    """(4, H, W) Normal/Lymphocyte/Malignant/Background probabilities of one image."""
+def class_maps(predictor, image: np.ndarray, stain=None) -> np.ndarray:
+    """(4, H, W) Normal/Lymphocyte/Malignant/Background probabilities of one image; ``stain``
+    (a :class:`wsiseg.stain.StainSpec`): the image normalised as one slide first, as
+    ``wsiseg run --stain`` would."""
     chans = [c.lower() for c in predictor.channels]
     missing = [c for c in CLASS_INPUTS if c not in chans]
     if missing:
@@ -88,8 +92,17 @@ def class_maps(predictor, image: np.ndarray) -> np.ndarray:
     m = predictor.model.input_multiple
     size = max(-(-h // m) * m, -(-w // m) * m)
     pad = np.pad(image, ((0, size - h), (0, size - w), (0, 0)), mode="reflect" if min(h, w) > 1 else "edge")
-    probs = predictor(pad[None])[0][:, :h, :w]
+    probs = predictor.with_stain(for_image(stain, image))(pad[None])[0][:, :h, :w]
     return probs[[chans.index(c) for c in CLASS_INPUTS]]
+
+
+def _stain_spec(args: argparse.Namespace, predictor):
+    """The segmentation model's stain normalisation (``--stain``, ``--stain-target``, ``--clahe``;
+    by default as its sidecar says it was trained), each patch fitted as one slide."""
+    try:
+        return resolve_spec(args.stain, args.stain_target, args.clahe, predictor.model.meta)
+    except StainError as e:
+        raise SystemExit(f"wsiseg: error: {e}") from None
 
 
 def parse_every(spec) -> dict[str, int] | int:
@@ -116,9 +129,9 @@ def split(patches: list[Patch], every) -> tuple[list[Patch], list[Patch]]:
     return [p for p in patches if p.group not in val], [p for p in patches if p.group in val]
 
 
-def _features(predictor, patches: list[Patch], log) -> tuple[np.ndarray, list[np.ndarray]]:
+def _features(predictor, patches: list[Patch], log, stain=None) -> tuple[np.ndarray, list[np.ndarray]]:
     t0 = time.perf_counter()
-    maps = [class_maps(predictor, p.image) for p in patches]
+    maps = [class_maps(predictor, p.image, stain) for p in patches]
     t1 = time.perf_counter()
     X = np.stack([patch_features(m) for m in maps]) if maps else np.empty((0, 81))
     log(f"  {len(patches)} patches: maps {t1 - t0:.1f} s, features {time.perf_counter() - t1:.1f} s")
@@ -126,7 +139,7 @@ def _features(predictor, patches: list[Patch], log) -> tuple[np.ndarray, list[np
 
 
 def metrics_table(rows: dict[str, dict]) -> str:
-    """A Markdown table of :func:`cellularity.metrics.evaluate` rows; a metric that needs more
+    """A Markdown table of :func:`wsiseg.cellularity.metrics.evaluate` rows; a metric that needs more
     patches than there are (None) reads ``n/a``."""
     def f(v, d):
         return "n/a" if v is None else f"{v:.{d}f}"
@@ -140,7 +153,7 @@ def metrics_table(rows: dict[str, dict]) -> str:
 
 
 def _metrics(y, p, label: str) -> dict:
-    from cellularity.metrics import evaluate
+    from wsiseg.cellularity.metrics import evaluate
 
     m = evaluate(np.asarray(y), np.asarray(p))
     return {"label": label, **m}
@@ -157,6 +170,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     log = print
     predictor = Predictor(load_model(args.model), args.device, threads=args.threads)
+    stain = _stain_spec(args, predictor)
     mpp = predictor.model.mpp
     patches = [p for spec in args.data for p in load_patches(spec, mpp, args.mpp, args.images)[:args.max_patches]]
     train, val = split(patches, args.val_every)
@@ -166,11 +180,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     label = _label_of(patches)
     out = Path(args.out)
     if args.regressor == "cnn":
-        path, side, res = _train_cnn(args, predictor, train, val, label, out, log)
+        path, side, res = _train_cnn(args, predictor, train, val, label, out, log, stain)
     elif args.regressor == "image":
         path, side, res = _train_image_cnn(args, predictor, train, val, label, out, log)
     else:
-        path, side, res = _train_lgbm(args, predictor, train, val, label, out, log)
+        path, side, res = _train_lgbm(args, predictor, train, val, label, out, log, stain)
     meta = json.loads(side.read_text())
     meta.update({
         "id": out.name,
@@ -181,6 +195,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "validation_split": f"by source image/slide: every N-th group in natural order ({args.val_every})",
         "validation_groups": sorted({p.group for p in val}, key=_natural),
         "validation_metrics": res,
+        "segmentation_stain": None if stain is None else stain.params(),
         "budget": {"seconds": round(time.perf_counter() - t0, 1), "train_patches": len(train),
                    "val_patches": len(val), "machine": f"{predictor.device}, {__import__('torch').get_num_threads()} threads"},
     })
@@ -189,12 +204,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_lgbm(args, predictor, train, val, label, out, log):
-    from cellularity.features import FEATURE_NAMES
-    from cellularity.regressors import LightGBMRegressor
+def _train_lgbm(args, predictor, train, val, label, out, log, stain=None):
+    from wsiseg.cellularity.features import FEATURE_NAMES
+    from wsiseg.cellularity.regressors import LightGBMRegressor
 
-    Xt, _ = _features(predictor, train, log)
-    Xv, _ = _features(predictor, val, log)
+    Xt, _ = _features(predictor, train, log, stain)
+    Xv, _ = _features(predictor, val, log, stain)
     yt = np.array([p.y for p in train])
     yv = np.array([p.y for p in val])
     reg = LightGBMRegressor(n_jobs=args.threads).fit(Xt, yt, Xv if len(val) else None, yv if len(val) else None,
@@ -213,25 +228,25 @@ def _train_lgbm(args, predictor, train, val, label, out, log):
     return path, side, res
 
 
-def _cnn_inputs(predictor, patches: list[Patch], size: int):
+def _cnn_inputs(predictor, patches: list[Patch], size: int, stain=None):
     """Class maps of the patches that fit one network input (smaller ones padded with background)."""
     from wsiseg.scoring import pad_to
 
     maps, ys = [], []
     for p in patches:
-        m = class_maps(predictor, p.image)
+        m = class_maps(predictor, p.image, stain)
         if m.shape[1] <= size and m.shape[2] <= size:
             maps.append(pad_to(m, size)[:, :size, :size])
             ys.append(p.y)
     return np.stack(maps).astype(np.float32), np.array(ys)
 
 
-def _train_cnn(args, predictor, train, val, label, out, log):
-    from cellularity.cnn import MapCNNRegressor
+def _train_cnn(args, predictor, train, val, label, out, log, stain=None):
+    from wsiseg.cellularity.cnn import MapCNNRegressor
 
     size = args.input_size
-    Xt, yt = _cnn_inputs(predictor, train, size)
-    Xv, yv = _cnn_inputs(predictor, val, size)
+    Xt, yt = _cnn_inputs(predictor, train, size, stain)
+    Xv, yv = _cnn_inputs(predictor, val, size, stain)
     log(f"  CNN on {len(Xt)} train / {len(Xv)} val maps of {size} px (patches larger than that are left out)")
     width = {"full": None, "quarter": {"channels": [16, 32, 64, 128]}}[args.width]
     reg = MapCNNRegressor(mode=args.mode, input_size=size, input_mpp=predictor.model.mpp, device=args.device, arch_kwargs=width)
@@ -270,7 +285,7 @@ def _image_inputs(patches: list[Patch], size: int):
 
 def _train_image_cnn(args, predictor, train, val, label, out, log):
     """Seed 003's direct baseline: ResNet-34 on the RGB patch (regression or 101-bin classes)."""
-    from cellularity.cnn import ImageCNNRegressor
+    from wsiseg.cellularity.cnn import ImageCNNRegressor
 
     size = args.input_size
     Xt, yt = _image_inputs(train, size)
@@ -298,13 +313,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from wsiseg.scoring import _find, load_regressor
 
     predictor = Predictor(load_model(args.model), args.device)
+    stain = _stain_spec(args, predictor)
     patches = [p for spec in args.data
                for p in load_patches(spec, predictor.model.mpp, args.mpp, args.images)[:args.max_patches]]
     if args.split == "val":
         _, patches = split(patches, args.val_every)
     print(f"{len(patches)} patches ({args.split}); model {predictor.model.id}")
     map_regs = [(k, n) for k, n in (("lgbm", args.lgbm), ("cnn", args.cnn)) if n and n != "none"]
-    maps = [class_maps(predictor, p.image) for p in patches] if map_regs else []
+    maps = [class_maps(predictor, p.image, stain) for p in patches] if map_regs else []
     y = np.array([p.y for p in patches])
     label = _label_of(patches)
     rows = {}
@@ -320,7 +336,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         rows[kind] = _metrics(y, pred, label)
         per_patch[kind] = [float(v) for v in pred]
     for name in args.image_cnn or []:
-        from cellularity.cnn import ImageCNNRegressor
+        from wsiseg.cellularity.cnn import ImageCNNRegressor
 
         path = _find(name, (".safetensors",))
         if path is None:
@@ -336,6 +352,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         rows[key] = _metrics(yi, pred, label)
         fits = iter(float(v) for v in pred)  # _image_inputs keeps the patches that fit, in order
         per_patch[key] = [next(fits) if _fits(p, int(reg.input_size)) else None for p in patches]
+    if maps:  # the no-learning baseline: the malignant share of the maps' nuclear mass
+        from wsiseg.scoring import malignant_share
+
+        pred = [malignant_share(m) for m in maps]
+        rows["share (no learning)"] = _metrics(y, pred, label)
+        per_patch["share"] = pred
     print(metrics_table(rows))
     if args.predictions:
         _write_csv(args.predictions, ["patch", "group", "label", "y", *per_patch],
@@ -363,15 +385,17 @@ def _write_csv(path, header: list[str], rows: list[list]) -> None:
 
 def read_patch(path: Path, mpp: float | None, model_mpp: float, max_px: int = 4096) -> tuple[np.ndarray, float]:
     """(RGB at ``model_mpp``, the file's um/px): the whole image, read as ``wsiseg run`` reads a
-    slide (its own resolution if it has one, else ``mpp``; a clear error if neither)."""
-    from wsiseg.slide import ScaledView, open_slide
+    slide (its own resolution if it has one, else ``mpp``; the same checks, before any pixel is
+    decoded). Raises :class:`wsiseg.slide.SlideError` with a message naming the file."""
+    from wsiseg.slide import ScaledView, SlideError, check_resolution, open_slide
 
     reader = open_slide(path, mpp)
     try:
+        check_resolution(reader, model_mpp)
         view = ScaledView.create(reader, model_mpp)
         h, w = view.shape
         if max(h, w) > max_px:
-            raise SystemExit(f"wsiseg: error: {path}: {w} x {h} px at {model_mpp} um/px is a slide, not a patch "
+            raise SlideError(f"{path}: {w} x {h} px at {model_mpp} um/px is a slide, not a patch "
                              f"(over {max_px} px a side): use wsiseg run, which scores it window by window")
         return view.read(0, 0, h, w), float(reader.mpp)
     finally:
@@ -379,17 +403,22 @@ def read_patch(path: Path, mpp: float | None, model_mpp: float, max_px: int = 40
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    """Cellularity of whole patches (BreastPathQ-style), one row per image, into a CSV."""
-    from wsiseg.cli import _expand_inputs
+    """Cellularity of whole patches (BreastPathQ-style), one row per image, into a CSV. As
+    ``wsiseg run`` does, a file that cannot be scored is reported (one line each) and the others
+    are still scored; the exit code is then 1."""
+    import logging
+
+    from wsiseg.inputs import expand_inputs, failed_code
     from wsiseg.models.registry import load_model
     from wsiseg.predict import Predictor
     from wsiseg.scoring import load_regressor, pad_to
-    from wsiseg.slide import SlideError
+    from wsiseg.slide import SlideError, link_problem
 
-    files, errors = _expand_inputs(args.inputs)  # the same inputs as wsiseg run takes
-    errors += [f"{f}: no such file" for f in files if not f.is_file()]
-    if errors:
-        raise SystemExit("\n".join(f"wsiseg: error: {e}" for e in errors))
+    files, errors = expand_inputs(args.inputs)  # the same inputs as wsiseg run takes
+    errors += [(link_problem(f) or ("", f"{f}: no such file"))[1] for f in files if not f.is_file()]
+    files = [f for f in files if f.is_file()]
+    for e in errors:  # (every input that cannot be found, before any work)
+        print(f"wsiseg: error: {e}", file=sys.stderr)
     regs = {}
     for kind, name in (("lgbm", args.lgbm), ("cnn", args.cnn)):
         if name and name != "none":
@@ -400,24 +429,37 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not regs:
         raise SystemExit("wsiseg: error: no regressor: give --lgbm and/or --cnn (not both none)")
     predictor = Predictor(load_model(args.model), args.device, threads=args.threads)
+    failed = len(errors)
+    stain = _stain_spec(args, predictor)
     rows = []
     for path in files:
         try:
             image, mpp = read_patch(path, args.mpp, predictor.model.mpp)
+            m = pad_to(class_maps(predictor, image, stain), 16)
+            scores = [float(r.predict([m])[0]) for r in regs.values()]
         except SlideError as e:
-            raise SystemExit(f"wsiseg: error: {e}") from None
-        m = pad_to(class_maps(predictor, image), 16)
+            print(f"wsiseg: error: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        except Exception as e:  # an unexpected failure on one file must not stop the batch
+            logging.getLogger("wsiseg").debug("traceback", exc_info=True)
+            print(f"wsiseg: error: {path}: failed ({type(e).__name__}: {e}); run with -v for the traceback",
+                  file=sys.stderr)
+            failed += 1
+            continue
         slide, _, rid = path.stem.rpartition("_")
         if not (slide and rid):  # not a BreastPathQ <slide>_<rid> name
             slide = rid = ""
-        scores = [float(r.predict([m])[0]) for r in regs.values()]
         rows.append([path.name, slide, rid, mpp, *scores])
         if not args.quiet:
             print(f"{path.name}: " + ", ".join(f"{k} {v:.3f}" for k, v in zip(regs, scores)))
-    _write_csv(args.out, ["image", "slide", "rid", "mpp", *regs], rows)
-    print(f"wrote {args.out} ({len(rows)} patches; model {predictor.model.id}; "
-          f"regressors {', '.join(f'{k} {n}' for k, n in (('lgbm', args.lgbm), ('cnn', args.cnn)) if k in regs)})")
-    return 0
+    if rows:
+        _write_csv(args.out, ["image", "slide", "rid", "mpp", *regs], rows)
+        print(f"wrote {args.out} ({len(rows)} patches; model {predictor.model.id}; "
+              f"regressors {', '.join(f'{k} {n}' for k, n in (('lgbm', args.lgbm), ('cnn', args.cnn)) if k in regs)})")
+    elif failed:
+        print(f"wsiseg: no patch could be scored; {args.out} not written", file=sys.stderr)
+    return failed_code(failed)
 
 
 def add_parser(sub) -> None:
@@ -435,6 +477,7 @@ def add_parser(sub) -> None:
                             "(the default: the class model's own validation images)")
         p.add_argument("--max-patches", type=int, default=None, help="use only the first N patches of each source")
         p.add_argument("--device", default="auto")
+        stain_arguments(p)  # of the segmentation model's input, each patch as one slide
         if name == "train":
             p.add_argument("-o", "--out", required=True, help="output stem: writes STEM.txt and STEM.json")
             p.add_argument("--importance", default=None, help="write the feature importance plot (PNG) here")
@@ -474,4 +517,5 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("-q", "--quiet", action="store_true", help="no line per image")
+    stain_arguments(p)
     p.set_defaults(func=cmd_predict)

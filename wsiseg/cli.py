@@ -3,36 +3,44 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
-from wsiseg.slide import INPUT_SUFFIXES, SAMPLE, SlideError
+from wsiseg.inputs import EXIT_OK, expand_inputs, failed_code, out_names
+from wsiseg.slide import MAX_IMAGE_PIXELS, MAX_RESCALE, SAMPLE, SlideError
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-
-def _expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
-    """Files as given; folders expand to the slides and images directly inside them."""
-    files, errors = [], []
-    for s in inputs:
-        p = Path(s)
-        if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in INPUT_SUFFIXES)
-            if not found:
-                errors.append(f"{p}: folder holds no slides or images ({', '.join(sorted(INPUT_SUFFIXES))})")
-            files.extend(found)
-        else:
-            files.append(p)
-    return files, errors
+EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 130, 143
 
 
-def _out_names(files: list[Path]) -> list[str]:
-    """Output folder names: the file stem, made unique with the parent folder's name if needed."""
-    stems = [f.name.split(".")[0] if f.name.lower().endswith((".ome.tif", ".ome.tiff")) else f.stem for f in files]
-    names = []
-    for f, s in zip(files, stems):
-        names.append(s if stems.count(s) == 1 else f"{f.parent.name}_{s}")
-    return names
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, timeout, systemd, Docker, SLURM), raised in the main thread as Ctrl-C's
+    KeyboardInterrupt is, so that the same clean-up runs: the readers stop, what is final is
+    flushed, temporary files are removed, and the next run resumes."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough: a second must not cut the clean-up short
+    raise Terminated()
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM handled like SIGINT for the block (main thread only; the old handler restored)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _interrupt_code(e: BaseException) -> int:
+    return EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -40,7 +48,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from wsiseg.models.registry import ModelError, load_model
     from wsiseg.pipeline import BLEND_THREAD, RunConfig, run_slide
-    from wsiseg.predict import Predictor
+    from wsiseg.predict import PredictorSpec
+    from wsiseg.stain import resolve_spec
 
     inputs = list(args.inputs)
     if args.sample:
@@ -48,19 +57,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not inputs:
         print("wsiseg run: give one or more slides, images or folders (or --sample)", file=sys.stderr)
         return EXIT_USAGE
-    files, errors = _expand_inputs(inputs)
+    if not args.max_rescale >= 1 or args.max_image_pixels < 1:
+        print("wsiseg: error: --max-rescale must be at least 1 and --max-image-pixels at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    files, errors = expand_inputs(inputs)
     for e in errors:
         print(f"wsiseg: error: {e}", file=sys.stderr)
     try:
         model = load_model(args.model)
-        predictor = Predictor(model, args.device, threads=args.threads, tta=args.tta, backend=args.backend)
+        predictor = PredictorSpec.from_args(args).build(model)
         cfg = RunConfig(tile=args.tile, overlap=args.overlap, batch_size=args.batch_size, workers=args.workers,
-                        mpp=args.mpp, overwrite=args.overwrite, window=args.window, tissue=not args.no_tissue_mask,
+                        mpp=args.mpp, mpp_override=args.mpp_override, max_rescale=args.max_rescale,
+                        max_image_pixels=args.max_image_pixels, overwrite=args.overwrite, window=args.window, tissue=not args.no_tissue_mask,
                         cellularity=not args.no_cellularity, cell_window=args.cell_window,
                         cell_stride=args.cell_stride, cell_min_tissue=args.cell_min_tissue,
                         lgbm=None if args.lgbm == "none" else args.lgbm,
                         cnn=None if args.cnn == "none" else args.cnn, instances=args.instances,
-                        blend_thread=BLEND_THREAD[args.blend_thread], blend_on_device=args.blend_on_device)
+                        blend_thread=BLEND_THREAD[args.blend_thread], blend_on_device=args.blend_on_device,
+                        stain=args.stain, stain_target=args.stain_target, clahe=args.clahe)
+        resolve_spec(cfg.stain, cfg.stain_target, cfg.clahe, model.meta)  # a bad method or target: before any slide
     except (ModelError, ValueError) as e:
         print(f"wsiseg: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -74,7 +89,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if args.cluster or args.scheduler:
         return failed_code(failed + _run_cluster(args, files, out_root, cfg, predictor))
-    for f, name in zip(files, _out_names(files)):
+    if args.patches:
+        return failed_code(failed + _run_patches(args, files, out_root, cfg, predictor))
+    for f, name in zip(files, out_names(files)):
         bar = tqdm(total=0, unit="tile", desc=f.name, disable=None if not args.quiet else True, leave=False,
                    dynamic_ncols=True)
 
@@ -89,10 +106,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"wsiseg: error: {e}", file=sys.stderr)
             failed += 1
             continue
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (see Terminated)
             bar.close()
-            print(f"wsiseg: interrupted during {f}; run the same command again to resume", file=sys.stderr)
-            return EXIT_INTERRUPTED
+            print(f"wsiseg: {f}: interrupted: re-run the same command to resume", file=sys.stderr)
+            return _interrupt_code(e)
         except Exception as e:  # an unexpected failure on one input must not stop the batch
             bar.close()
             logging.getLogger("wsiseg").debug("traceback", exc_info=True)
@@ -104,11 +121,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     return failed_code(failed)
 
 
-def failed_code(failed: int) -> int:
-    if failed:
-        print(f"wsiseg: {failed} input(s) failed", file=sys.stderr)
-        return EXIT_FAILED
-    return EXIT_OK
+def _run_patches(args: argparse.Namespace, files: list[Path], out_root: Path, cfg, predictor) -> int:
+    """``--patches``: the images as one batched job into OUT (see :mod:`wsiseg.patches`); returns
+    the number of inputs that failed."""
+    from tqdm import tqdm
+
+    from wsiseg.patches import run_patches
+
+    if cfg.instances:
+        print("wsiseg: error: --instances is not available with --patches (run the images without --patches)",
+              file=sys.stderr)
+        return len(files)
+    regs = {k: v for k, v in (("lgbm", cfg.lgbm), ("cnn", cfg.cnn)) if v} if cfg.cellularity else {}
+    with tqdm(total=len(files), unit="patch", disable=None if not args.quiet else True, leave=False) as bar:
+        try:
+            s = run_patches(files, out_names(files), out_root, predictor, cfg, regressors=regs, progress=bar.update)
+        except SlideError as e:
+            print(f"wsiseg: error: {e}", file=sys.stderr)
+            return len(files)
+    print(f"{s['patches']} patches ({s['skipped']} already done) in {s['seconds']['total']:.1f} s, "
+          f"{s['patches_per_second']} patches/s on {s['device']} ({s['backend']}) -> {out_root / 'patches.csv'}")
+    return len(s["failed"])
 
 
 def _report(f: Path, status: str, message: str, s: dict, out_dir: Path) -> None:
@@ -131,7 +164,9 @@ def _report(f: Path, status: str, message: str, s: dict, out_dir: Path) -> None:
         print(f"  cellularity skipped: {c['reason']}")
     n = s.get("instances") or {}
     if "instances" in n:
-        print(f"  {n['instances']} nuclei -> nuclei.geojson, probabilities.zarr/labels/nuclei")
+        types = ", ".join(f"{v} {k}" for k, v in (n.get("types") or {}).items())
+        print(f"  {n['instances']} nuclei" + (f" ({types})" if types else "")
+              + " -> nuclei.geojson, nuclei.csv, probabilities.zarr/labels/nuclei")
     if message:
         print(f"wsiseg: warning: {f}: {message}", file=sys.stderr)
 
@@ -141,11 +176,10 @@ def _run_cluster(args: argparse.Namespace, files: list[Path], out_root: Path, cf
     number of inputs that failed."""
     from wsiseg.cluster import make_client, run_distributed, split_band_runner
     from wsiseg.pipeline import run_slide
+    from wsiseg.predict import PredictorSpec
 
-    model = args.model
-    if model is not None and (Path(model).exists() or Path(model + ".safetensors").exists()):
-        model = str(Path(model).resolve())
-    jobs = [(f.resolve(), (out_root / name).resolve()) for f, name in zip(files, _out_names(files))]
+    spec = PredictorSpec.from_args(args)
+    jobs = [(f.resolve(), (out_root / name).resolve()) for f, name in zip(files, out_names(files))]
     failed = 0
     try:
         client = make_client(args.cluster, args.scheduler)
@@ -155,8 +189,7 @@ def _run_cluster(args: argparse.Namespace, files: list[Path], out_root: Path, cf
     with client:
         if args.split:
             for f, o in jobs:
-                runner = split_band_runner(client, f, o, model, args.device, cfg, args.split, args.threads, args.tta,
-                                            args.backend)
+                runner = split_band_runner(client, f, o, spec, cfg, args.split)
                 try:
                     res = run_slide(f, o, predictor, cfg, band_runner=runner)
                 except SlideError as e:
@@ -165,7 +198,7 @@ def _run_cluster(args: argparse.Namespace, files: list[Path], out_root: Path, cf
                     continue
                 _report(f, res.status, res.message, res.summary, res.out_dir)
             return failed
-        for r in run_distributed(client, jobs, model, args.device, cfg, args.threads, args.tta, args.backend):
+        for r in run_distributed(client, jobs, spec, cfg):
             if r["status"] == "error":
                 print(f"wsiseg: error: {r['message']}", file=sys.stderr)
                 failed += 1
@@ -207,7 +240,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"wsiseg: error: {e}", file=sys.stderr)
             return EXIT_USAGE
         cfg = dataclasses.replace(cfg, **overrides)
-        for d in (cfg.monuseg, cfg.consep, cfg.monusac):
+        for d in (cfg.monuseg, cfg.consep, cfg.monusac, cfg.tnbc):
             if d and not Path(d).exists():
                 print(f"wsiseg: error: training data {d} not found (set it in the config)", file=sys.stderr)
                 return EXIT_USAGE
@@ -236,12 +269,19 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     from wsiseg.models.registry import DEFAULT_MODEL, WEIGHTS_DIR, list_models
 
+    print("segmentation models (--model NAME):")
     for name in list_models():
         meta = json.loads((WEIGHTS_DIR / f"{name}.json").read_text())
-        val = meta.get("metrics", {}).get("validation", {}).get("dice_pooled")
+        val = (meta.get("metrics") or {}).get("validation", {}).get("dice_pooled")
         tag = " (default)" if name == DEFAULT_MODEL else ""
-        print(f"{name}{tag}: {meta['architecture']}, classes {meta['classes']}, {meta['mpp']} um/px"
-              + (f", validation Dice {val:.3f}" if val is not None else ""))
+        print(f"  {name}{tag}: {meta.get('architecture')}, classes {meta.get('classes')}, {meta.get('mpp')} um/px"
+              + (f", validation Dice {val:.3f}" if isinstance(val, (int, float)) else ""))
+    print("cellularity regressors (--lgbm NAME, --cnn NAME):")
+    for name in list_models("cellularity"):
+        meta = json.loads((WEIGHTS_DIR / f"{name}.json").read_text())
+        flag = "--lgbm" if "lightgbm" in str(meta.get("format")) else "--cnn"
+        print(f"  {name}: {flag}, {meta.get('label', 'unknown')} labels, on the class maps of "
+              f"{meta.get('segmentation_model', 'a class model')} at {meta.get('mpp')} um/px")
     return EXIT_OK
 
 
@@ -251,7 +291,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from wsiseg.evaluate import evaluate_monuseg, results_tables
     from wsiseg.models.registry import ModelError, load_model
     from wsiseg.pipeline import postprocess_config
-    from wsiseg.predict import Predictor
+    from wsiseg.predict import PredictorSpec
+    from wsiseg.stain import resolve_spec
     from wsiseg.train.datasets import MONUSEG_VAL
 
     results = []
@@ -263,12 +304,41 @@ def cmd_eval(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         print(f"evaluating {model.id} on {args.data} (validation split) ...", file=sys.stderr)
         try:
-            predictor = Predictor(model, args.device, tta=args.tta, backend=args.backend)
+            predictor = PredictorSpec.from_args(args, threads=None).build(model)
+        except ValueError as e:
+            print(f"wsiseg: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        try:
+            resolve_spec(args.stain, args.stain_target, args.clahe, model.meta)
         except ValueError as e:
             print(f"wsiseg: error: {e}", file=sys.stderr)
             return EXIT_USAGE
         res = evaluate_monuseg(predictor, args.data, names=args.image or MONUSEG_VAL,
-                               post=postprocess_config(model.meta), tune=args.tune)
+                               post=postprocess_config(model.meta), tune=args.tune,
+                               stain=(args.stain, args.stain_target, args.clahe))
+        if args.tnbc:
+            from wsiseg.evaluate import tnbc_validation_names
+
+            res["tnbc"] = evaluate_monuseg(predictor, args.tnbc, names=tnbc_validation_names(args.tnbc),
+                                           post=postprocess_config(model.meta),
+                                           stain=(args.stain, args.stain_target, args.clahe))
+            t = res["tnbc"]
+            print(f"TNBC validation ({len(t['images'])} images, patients 05, 11): pixel F1 "
+                  f"{t['pooled']['native']['dice']:.4f}, AJI {t['instances_mean_per_image']['aji']:.4f} "
+                  "(TNBC's instances are connected components: touching nuclei count as one)")
+        if args.classes:
+            from wsiseg.evaluate import evaluate_class_split
+
+            try:
+                res["classes"] = evaluate_class_split(predictor, args.consep, args.monusac)
+            except ValueError as e:
+                print(f"wsiseg: warning: {e}: no class metrics", file=sys.stderr)
+            else:
+                c = res["classes"]
+                print(f"classes ({c['images']} images: {c['split']}): Dice (argmax) " + ", ".join(
+                    f"{k} {v:.3f}" for k, v in c["dice_argmax"].items() if v is not None)
+                      + "; Dice (p >= 0.5) " + ", ".join(
+                    f"{k} {v:.3f}" for k, v in c["dice_threshold"].items() if v is not None))
         results.append(res)
         print(f"{'image':32s} {'Dice@model':>10s} {'Dice@native':>11s} {'AJI':>7s}")
         for img, m in res["per_image"].items():
@@ -310,6 +380,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from wsiseg import __version__
+    from wsiseg.stain import add_arguments as stain_arguments
 
     p = argparse.ArgumentParser(prog="wsiseg", description="Nuclei probability maps from whole-slide images.")
     p.add_argument("--version", action="version", version=f"wsiseg {__version__}")
@@ -321,7 +392,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--sample", action="store_true", help="also run the bundled sample slide (CMU-1-Small-Region.svs)")
     r.add_argument("-o", "--output", default="wsiseg-out", help="output root; each input goes to OUT/<stem>/")
     r.add_argument("--model", default=None, help="shipped model name or path to NAME.safetensors (default: the shipped U-Net)")
-    r.add_argument("--mpp", type=float, default=None, help="um/px of inputs that do not carry it (plain images)")
+    r.add_argument("--mpp", type=float, default=None,
+                   help="um/px of inputs that do not say it (plain images); a file's own resolution is kept")
+    r.add_argument("--mpp-override", type=float, default=None, metavar="MPP",
+                   help="um/px of every input, replacing what the files say (recorded in summary.json)")
+    r.add_argument("--max-rescale", type=float, default=MAX_RESCALE, metavar="F",
+                   help=f"refuse inputs that would be resampled more than F times either way to the model's "
+                        f"resolution (default {MAX_RESCALE:g}: 1/{MAX_RESCALE:g} to {MAX_RESCALE:g})")
+    r.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS, metavar="N",
+                   help=f"refuse plain images (PNG, JPEG, BMP, a TIFF not read piece by piece) over N pixels, "
+                        f"which are decoded whole (default {MAX_IMAGE_PIXELS:,})")
     r.add_argument("--tile", type=int, default=256)
     r.add_argument("--overlap", type=float, default=0.5)
     r.add_argument("--batch-size", type=int, default=8)
@@ -330,8 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     r.add_argument("--tta", default="none", choices=["none", "flips", "d4"],
                    help="test-time augmentation: mean probability over 4 flips or the 8 rotations/flips of each tile (4x or 8x the model's time)")
-    r.add_argument("--backend", default="torch", choices=["torch", "openvino", "openvino-int8"],
-                   help="the network's runtime on the CPU: torch (eager), openvino (the same weights compiled "
+    r.add_argument("--backend", default="auto", choices=["auto", "torch", "openvino", "openvino-int8"],
+                   help="the network's runtime on the CPU: auto (default: openvino when installed and the network "
+                        "converts, else torch; the summary says which), torch (eager), openvino (the same weights compiled "
                         "by OpenVINO) or openvino-int8 (those quantised to 8-bit integers by NNCF, calibrated "
                         "on the bundled sample slide: faster, probabilities change slightly); "
                         "pip install 'wsiseg[openvino]'")
@@ -340,8 +421,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--blend-on-device", action="store_true",
                    help="blend on the GPU: accumulate and quantise there, copy back uint8 blocks only (not yet measured on a GPU)")
     r.add_argument("--window", default="hann", choices=["hann", "gaussian", "flat"], help="blending window")
+    stain_arguments(r)
     r.add_argument("--no-tissue-mask", action="store_true", help="infer every tile, background too")
-    r.add_argument("--overwrite", action="store_true", help="discard existing output and start again")
+    r.add_argument("--overwrite", action="store_true",
+                   help="remove wsiseg's own files in OUT/<stem>/ and start again (a folder with other files is refused)")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     r.add_argument("--instances", action="store_true",
                    help="also write nucleus instances: probabilities.zarr/labels/nuclei and nuclei.geojson (QuPath)")
@@ -351,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--cell-min-tissue", type=float, default=0.05, help="score windows with at least this tissue share")
     r.add_argument("--lgbm", default="cellularity-lgbm-proxy", help="LightGBM regressor name/path, or none")
     r.add_argument("--cnn", default="cellularity-cnn-proxy", help="CNN regressor name/path, or none")
+    r.add_argument("--patches", action="store_true",
+                   help="the inputs are small images (patches): batch their tiles together and write one "
+                        "OUT/patches.zarr + OUT/patches.csv instead of a folder per image")
     r.add_argument("--cluster", default=None, help="local:N: spread inputs over N Dask worker processes")
     r.add_argument("--scheduler", default=None, help="address of a running Dask scheduler (tcp://HOST:PORT)")
     r.add_argument("--split", type=int, default=0, metavar="N",
@@ -375,10 +461,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate only these validation images (name prefixes; default: the whole split)")
     e.add_argument("--tune", action="store_true",
                    help="also search the thresholds that maximise AJI on these images (optimistic; reported apart)")
+    e.add_argument("--tnbc", default=None, help="also the TNBC train folder's validation patients (05, 11): pixel F1, AJI")
+    e.add_argument("--classes", action="store_true",
+                   help="also the class channels' Dice on the CoNSeP/MoNuSAC validation split (--consep, --monusac)")
+    e.add_argument("--consep", default="../shared/data/consep/train")
+    e.add_argument("--monusac", default="../shared/data/monusac")
     e.add_argument("--device", default="auto")
     e.add_argument("--tta", default="none", choices=["none", "flips", "d4"],
                    help="test-time augmentation (as wsiseg run --tta)")
-    e.add_argument("--backend", default="torch", choices=["torch", "openvino", "openvino-int8"], help="as wsiseg run --backend")
+    e.add_argument("--backend", default="auto", choices=["auto", "torch", "openvino", "openvino-int8"], help="as wsiseg run --backend")
+    stain_arguments(e)  # as wsiseg run: each image normalised as one slide
     e.add_argument("--json", default=None, help="write the metrics here")
     e.set_defaults(func=cmd_eval)
 
@@ -388,9 +480,10 @@ def build_parser() -> argparse.ArgumentParser:
     _bench.add_arguments(b)
     b.set_defaults(func=_bench.run_args)
 
-    from wsiseg import cellularity_cli
+    from wsiseg import cellularity_cli, viewer
 
     cellularity_cli.add_parser(sub)
+    viewer.add_parser(sub)
 
     en = sub.add_parser("ensemble", help="combine trained models into one U-Net ensemble model (mean of their probabilities, seed 001)")
     en.add_argument("members", nargs="+", help="trained models: shipped names or NAME.safetensors paths")
@@ -413,11 +506,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     logging.getLogger("PIL").setLevel(logging.WARNING)
-    try:
-        return args.func(args)
-    except KeyboardInterrupt:
-        print("wsiseg: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    with _sigterm_as_interrupt():
+        try:
+            return args.func(args)
+        except KeyboardInterrupt as e:
+            print("wsiseg: interrupted", file=sys.stderr)
+            return _interrupt_code(e)
+        except ValueError as e:  # a model that cannot be used, from any command: one line, no traceback
+            from wsiseg.models.registry import ModelError
+
+            if not isinstance(e, ModelError):
+                raise
+            print(f"wsiseg: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from wsiseg.metrics import instance_metrics, mean_metrics
 from wsiseg.pipeline import RunConfig, run_slide
 from wsiseg.postprocess import PostprocessConfig, instances_from_probability, search_threshold
 from wsiseg.predict import Predictor
+from wsiseg.stain import from_record
 from wsiseg.train.datasets import MONUSEG_MPP, MONUSEG_VAL, resample
 
 
@@ -52,7 +53,7 @@ def _channel(classes: list[str], name: str) -> int | None:
 
 def evaluate_monuseg(predictor: Predictor, root: str | Path, names: list[str] = MONUSEG_VAL,
                      threshold: float = 0.5, post: PostprocessConfig | None = PostprocessConfig(),
-                     tune: bool = False) -> dict:
+                     tune: bool = False, stain: tuple = (None, None, None)) -> dict:
     """Pixel metrics pooled over the validation images, at the model's and at native resolution;
     instance metrics (mean per image) from ``post`` (predicted shape markers when the model has a
     ``marker`` channel); the engine's tiles/s over these images.
@@ -61,8 +62,14 @@ def evaluate_monuseg(predictor: Predictor, root: str | Path, names: list[str] = 
     model) that maximises the mean AJI over these same images (:func:`search_threshold`); the
     result's ``"tuned"`` holds the chosen post-processing and its metrics, which are then
     optimistic for this split.
+
+    ``stain``: (method, target image, clahe) as ``wsiseg run --stain --stain-target --clahe``
+    (None: as the model's sidecar says); each image is normalised as one slide, fitted on itself.
     """
     root = Path(root)
+    run_cfg = RunConfig(mpp=MONUSEG_MPP, tissue=False, cellularity=False, stain=stain[0], stain_target=stain[1],
+                        clahe=stain[2])
+    stain_used = None
     pooled = {"model_mpp": dict.fromkeys(("tp", "fp", "fn", "tn"), 0.0), "native": dict.fromkeys(("tp", "fp", "fn", "tn"), 0.0)}
     per_image = {}
     inst = []
@@ -81,7 +88,9 @@ def evaluate_monuseg(predictor: Predictor, root: str | Path, names: list[str] = 
                 raise FileNotFoundError(f"{root}/images: no image {name}*.png")
             f = files[0]
             t0 = time.perf_counter()
-            res = run_slide(f, Path(tmp) / f.stem, predictor, RunConfig(mpp=MONUSEG_MPP, tissue=False, cellularity=False))
+            res = run_slide(f, Path(tmp) / f.stem, predictor, run_cfg)
+            if res.summary.get("stain"):
+                stain_used = {k: res.summary["stain"].get(k) for k in ("method", "clahe", "target_origin")}
             seconds += time.perf_counter() - t0
             n_tiles += int(res.summary.get("tiles_inferred_this_run") or 0)
             arr = zarr.open_group(str(res.out_dir / "probabilities.zarr"), mode="r")["0"]
@@ -111,8 +120,9 @@ def evaluate_monuseg(predictor: Predictor, root: str | Path, names: list[str] = 
                 inst.append(m)
                 if tune:
                     maps.append((up, up_marker, gt_inst))
-                if own:
-                    lab = own_instances(predictor, np.asarray(Image.open(f).convert("RGB")), scale)
+                if own:  # with the image's own stain transform, as run_slide fitted it
+                    pst = predictor.with_stain(from_record(res.summary.get("stain")))
+                    lab = own_instances(pst, np.asarray(Image.open(f).convert("RGB")), scale)
                     lab = cv2.resize(lab, gt_native.shape[::-1], interpolation=cv2.INTER_NEAREST)
                     m = instance_metrics(gt_inst, lab.astype(np.int64))
                     per_image[f.stem]["own_instances"] = m
@@ -132,6 +142,7 @@ def evaluate_monuseg(predictor: Predictor, root: str | Path, names: list[str] = 
         "seconds": round(seconds, 3),
         "tiles_per_second": round(n_tiles / seconds, 2) if seconds > 0 else None,
         "device": str(predictor.device),
+        "stain": stain_used,
         "per_image": per_image,
     }
     if tune and maps:
@@ -139,17 +150,75 @@ def evaluate_monuseg(predictor: Predictor, root: str | Path, names: list[str] = 
     return out
 
 
+def tnbc_validation_names(root: str | Path, val_patients=("05", "11")) -> list[str]:
+    """The TNBC validation images (by patient, as the default model's training split)."""
+    return sorted(f.stem for f in (Path(root) / "images").glob("tnbc_*.png")
+                  if f.stem.split("_")[1] in set(val_patients))
+
+
+def _whole_image_probs(predictor: Predictor, image: np.ndarray) -> np.ndarray:
+    """(C, H, W) float32 probabilities of one image at the model's resolution, in one forward
+    pass (reflect-padded to a square multiple of the model's input multiple)."""
+    h, w = image.shape[:2]
+    m = predictor.model.input_multiple
+    size = max(-(-h // m) * m, -(-w // m) * m)
+    pad = np.pad(image, ((0, size - h), (0, size - w), (0, 0)), mode="reflect" if min(h, w) > 1 else "edge")
+    return predictor(pad[None])[0][:, :h, :w]
+
+
+def evaluate_class_split(predictor: Predictor, consep: str | Path | None, monusac: str | Path | None,
+                         consep_every: int = 5, monusac_every: int = 4) -> dict:
+    """Per-class pixel Dice of seed 003's channels on the class validation split (CoNSeP every
+    ``consep_every``-th source image, MoNuSAC every ``monusac_every``-th slide, as the class models
+    were trained), pooled over the images, two ways: each channel thresholded at 0.5
+    (``dice_threshold``), and the 4-class segmentation by the channel of highest probability
+    (``dice_argmax``, seed 003's reading of its maps). ``nucleus_dice`` pools the nucleus channel."""
+    from wsiseg.train.datasets import CLASS_CHANNELS, load_consep, load_monusac, split_groups
+
+    classes = [c.lower() for c in predictor.model.classes]
+    missing = [c for c in CLASS_CHANNELS if c not in classes]
+    if missing:
+        raise ValueError(f"model {predictor.model.id} has no {', '.join(missing)} channels")
+    idx = [classes.index(c) for c in CLASS_CHANNELS]
+    samples = []
+    if consep:
+        samples += split_groups(load_consep(consep, predictor.model.mpp), consep_every)[1]
+    if monusac:
+        samples += split_groups(load_monusac(monusac, predictor.model.mpp), monusac_every)[1]
+    k = len(CLASS_CHANNELS)
+    thr, arg = np.zeros((k, 2)), np.zeros((k, 2))
+    nuc = np.zeros(2)
+    for s in samples:
+        probs = _whole_image_probs(predictor, s.image)
+        cp = probs[idx]
+        top = cp.argmax(0)
+        for c in range(k):
+            t = s.classes == c
+            for acc, pred in ((thr, cp[c] >= 0.5), (arg, top == c)):
+                acc[c] += (np.logical_and(pred, t).sum(), pred.sum() + t.sum())
+        if "nucleus" in classes:
+            pred, t = probs[classes.index("nucleus")] >= 0.5, s.mask > 0
+            nuc += (np.logical_and(pred, t).sum(), pred.sum() + t.sum())
+    out = {"images": len(samples), "split": f"CoNSeP every {consep_every}th source image, MoNuSAC every "
+                                             f"{monusac_every}th slide"}
+    for name, acc in (("dice_threshold", thr), ("dice_argmax", arg)):
+        out[name] = {c: float(2 * acc[i, 0] / acc[i, 1]) if acc[i, 1] else None for i, c in enumerate(CLASS_CHANNELS)}
+        out[name]["mean_nlm"] = float(np.mean([out[name][c] or 0.0 for c in CLASS_CHANNELS[:3]]))
+    if nuc[1]:
+        out["nucleus_dice"] = float(2 * nuc[0] / nuc[1])
+    return out
+
+
 def own_instances(predictor: Predictor, image: np.ndarray, scale: float) -> np.ndarray:
     """(h, w) int32 labels from a network with its own instance head (``network.instances``,
     e.g. Mask R-CNN) on the whole image at the model's resolution (``scale`` = native / model
     um/px), reflect-padded to the network's input multiple."""
-    import torch
 
     img = np.ascontiguousarray(resample(image, scale))
     h, w = img.shape[:2]
     m = predictor.model.input_multiple
     img = np.pad(img, ((0, (-h) % m), (0, (-w) % m), (0, 0)), mode="reflect")
-    x = torch.from_numpy(predictor.normalise(img[None])).permute(0, 3, 1, 2)  # the engine's normalisation
+    x = predictor.inputs(img[None])  # the engine's normalisation
     net = predictor.model.network
     dev = next(net.parameters()).device
     return net.instances(x.to(dev))[0][:h, :w]

@@ -17,11 +17,23 @@
   MultiPolygon only if an instance came out in several pieces), in **slide level-0 pixel
   coordinates** (pixel corners at integers, as QuPath uses them), QuPath's conventions
   (0.4+): feature ``id`` a UUID, ``properties.objectType = "detection"``,
-  ``properties.classification = {"name": "Nucleus", "color": [r, g, b]}``,
-  ``properties.measurements`` (area in um^2 and px, the label id). Outlines are the exact
-  pixel-edge outline of the instance (see :func:`_outline`; the polygon's area in stored px is
-  its pixel count exactly); ``area_um2`` is the pixel count times mpp^2. Features are written to the
-  file as each window finishes (never all held in memory); the file appears atomically at the end.
+  ``properties.classification = {"name": TYPE, "color": [r, g, b]}``,
+  ``properties.measurements`` (area in um^2 and px, the label id, the type probabilities).
+  With a map that has seed 003's class channels (normal, lymphocyte, malignant), every nucleus
+  is typed by its mean class probability over its pixels: TYPE is ``Malignant``, ``Lymphocyte``
+  or ``Normal`` (the class with the highest mean), and its probability is that mean divided by
+  the sum of the three means (the three shares sum to 1); maps without class channels give
+  ``Nucleus``. Outlines are smooth polygons (see :func:`_smooth_ring`): the exact pixel-edge
+  outline of the instance with its staircase corners cut (through the edge midpoints) and
+  simplified by Douglas-Peucker to within :data:`SIMPLIFY_PX` stored px; ``area_um2`` is the
+  pixel count times mpp^2.
+* ``nuclei.csv`` (and ``nuclei.parquet`` with pyarrow): one row per instance: ``id`` (the label
+  id), ``centroid_x``, ``centroid_y`` (the pixels' mean, slide level-0 px), ``area_um2``,
+  ``type``, ``type_probability``, ``p_normal``, ``p_lymphocyte``, ``p_malignant`` (mean
+  probabilities inside the nucleus), ``clipped``.
+
+Features and rows are written as each window finishes (never all held in memory); the files
+appear atomically at the end.
 
 Memory is bounded by one window: ``window`` x ``window`` core plus margins, never the whole slide.
 
@@ -82,6 +94,7 @@ components whose distance never exceeds ``h_um``.
 """
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -97,6 +110,7 @@ import numpy as np
 import zarr
 from scipy import ndimage as ndi
 
+from wsiseg.classes import NUCLEUS_TYPES
 from wsiseg.postprocess import (
     PostprocessConfig,
     instances_from_probability,
@@ -109,7 +123,17 @@ __all__ = ["InstancesError", "guard_px", "write_instances"]
 
 LABEL_NAME = "nuclei"
 GEOJSON_NAME = "nuclei.geojson"
+TABLE_NAME = "nuclei.csv"
+PARQUET_NAME = "nuclei.parquet"
 NUCLEUS_COLOR = [255, 0, 0]
+# the map's class channels -> the names a QuPath user reads, and their colours
+TYPE_CHANNELS = NUCLEUS_TYPES
+TYPE_NAMES = {"normal": "Normal", "lymphocyte": "Lymphocyte", "malignant": "Malignant"}
+TYPE_COLORS = {"Normal": [40, 170, 60], "Lymphocyte": [40, 90, 220], "Malignant": [220, 30, 30],
+               "Nucleus": NUCLEUS_COLOR}
+TABLE_COLUMNS = ["id", "centroid_x", "centroid_y", "area_um2", "type", "type_probability",
+                 "p_normal", "p_lymphocyte", "p_malignant", "clipped"]
+SIMPLIFY_PX = 0.5  # Douglas-Peucker tolerance of the outlines, stored (model) px
 _UUID_NS = uuid.UUID("8c1f3a52-3d0e-4a57-9a55-5f0f6b1d2e11")  # fixed: feature ids are reproducible
 
 
@@ -176,12 +200,32 @@ def _outline(mask: np.ndarray) -> list[list[list]]:
     return [rings for rings in polys.values() if rings and _signed_area(rings[0]) > 0]
 
 
-def _geometry(mask: np.ndarray, x0: float, y0: float, scale: float) -> dict | None:
+def _smooth_ring(r: list, tol: float = SIMPLIFY_PX) -> list:
+    """A pixel-edge ring (integer corners) as a smooth one: the ring walked in unit steps, each
+    step replaced by its midpoint (so a staircase becomes its diagonal and a corner is cut by half
+    a pixel), then simplified by Douglas-Peucker (``cv2.approxPolyDP``) to within ``tol`` px. The
+    orientation is kept; rings too small to smooth come back unchanged."""
+    pts = np.asarray(r, np.float64)
+    nxt = np.roll(pts, -1, axis=0)
+    steps = np.abs(nxt - pts).max(axis=1).astype(int)  # edges are axis-parallel: whole pixels long
+    dense = np.concatenate([pts[i] + (nxt[i] - pts[i]) * (np.arange(n)[:, None] / n)
+                            for i, n in enumerate(steps) if n > 0])
+    mid = (dense + np.roll(dense, -1, axis=0)) / 2
+    out = cv2.approxPolyDP(mid.astype(np.float32)[:, None, :], tol, True)[:, 0, :].astype(np.float64)
+    if len(out) < 3:
+        return r
+    return out.tolist()
+
+
+def _geometry(mask: np.ndarray, x0: float, y0: float, scale: float, smooth: bool = True) -> dict | None:
     """GeoJSON geometry of a binary mask whose pixel (0, 0) is map pixel (y0, x0), in slide
-    level-0 px (map px * scale). Exteriors counter-clockwise, holes clockwise (in x, y numbers)."""
+    level-0 px (map px * scale): smooth outlines (:func:`_smooth_ring`), or with ``smooth=False``
+    the exact pixel-edge outline. Exteriors counter-clockwise, holes clockwise (in x, y numbers)."""
     polys = _outline(mask)
     if not polys:
         return None
+    if smooth:
+        polys = [[_smooth_ring(r) for r in rings] for rings in polys]
     x0, y0, scale = float(x0), float(y0), float(scale)
 
     def coords(r: list) -> list:
@@ -193,16 +237,40 @@ def _geometry(mask: np.ndarray, x0: float, y0: float, scale: float) -> dict | No
     return {"type": "MultiPolygon", "coordinates": parts}
 
 
+def nucleus_type(class_means: np.ndarray | None) -> tuple[str, float | None]:
+    """(type name, its probability) from a nucleus' mean probabilities of :data:`TYPE_CHANNELS`
+    (None: the map has no class channels -> ("Nucleus", None)). The probability is the chosen
+    class's mean over the sum of the three means."""
+    if class_means is None:
+        return "Nucleus", None
+    total = float(np.sum(class_means))
+    k = int(np.argmax(class_means))
+    return TYPE_NAMES[TYPE_CHANNELS[k]], (float(class_means[k]) / total if total > 0 else 1.0 / len(class_means))
+
+
 def _feature(mask: np.ndarray, x0: int, y0: int, scale: float, mpp: float, gid: int, source: str,
-             clipped: bool = False) -> str:
-    """One QuPath detection as a GeoJSON Feature (JSON text)."""
+             clipped: bool = False, class_means: np.ndarray | None = None) -> tuple[str, dict]:
+    """One QuPath detection as a GeoJSON Feature (JSON text) and its row of ``nuclei.csv``.
+    ``class_means``: the mean probabilities (0..1) of :data:`TYPE_CHANNELS` inside the nucleus."""
     area_px = int(np.count_nonzero(mask))
     area_um2 = round(area_px * mpp * mpp, 4)
+    name, prob = nucleus_type(class_means)
+    measurements = {"Label": gid, "Area µm^2": area_um2, "Area px (stored)": area_px}
+    row = {"id": gid, "area_um2": area_um2, "type": name, "clipped": bool(clipped)}
+    ys, xs = np.nonzero(mask)
+    row["centroid_x"] = round((float(xs.mean()) + 0.5 + x0) * scale, 3)
+    row["centroid_y"] = round((float(ys.mean()) + 0.5 + y0) * scale, 3)
+    if class_means is not None:
+        measurements["Type probability"] = round(prob, 4)
+        row["type_probability"] = round(prob, 4)
+        for ch, v in zip(TYPE_CHANNELS, class_means):
+            measurements[f"p {ch}"] = round(float(v), 4)
+            row[f"p_{ch}"] = round(float(v), 4)
     props = {
         "objectType": "detection",
-        "classification": {"name": "Nucleus", "color": NUCLEUS_COLOR},
+        "classification": {"name": name, "color": TYPE_COLORS[name]},
         "isLocked": False,
-        "measurements": {"Label": gid, "Area µm^2": area_um2, "Area px (stored)": area_px},
+        "measurements": measurements,
         "label": gid,
         "area_um2": area_um2,
     }
@@ -210,7 +278,7 @@ def _feature(mask: np.ndarray, x0: int, y0: int, scale: float, mpp: float, gid: 
         props["clipped"] = True
     feat = {"type": "Feature", "id": str(uuid.uuid5(_UUID_NS, f"{source}/{gid}")),
             "geometry": _geometry(mask, x0, y0, scale), "properties": props}
-    return json.dumps(feat, separators=(",", ":"))
+    return json.dumps(feat, separators=(",", ":")), row
 
 
 # ------------------------------------------------------------------------------ windows
@@ -219,8 +287,9 @@ def _feature(mask: np.ndarray, x0: int, y0: int, scale: float, mpp: float, gid: 
 class _Window:
     """The instances of one extended window, seen from its core."""
 
-    def __init__(self, lab, origin, core, first, exact):
+    def __init__(self, lab, origin, core, first, exact, cls=None):
         self.lab = lab  # (h, w) uint32 labels 1..n of the extended window
+        self.cls = cls  # (3, h, w) uint8 class probabilities (TYPE_CHANNELS) or None
         self.origin = origin  # (y, x) of the extended window in the map
         self.core = core  # (y0, y1, x0, x1) of the core inside the extended window
         self.first = first  # (n,) flat index (in the window) of each label's first pixel
@@ -229,7 +298,7 @@ class _Window:
 
 def _process_window(arr, c: int, core: tuple[int, int, int, int], shape: tuple[int, int], margin: int,
                     max_margin: int, guard: int, mpp: float, cfg: PostprocessConfig,
-                    mc: int | None = None) -> tuple[_Window | None, int]:
+                    mc: int | None = None, tc: list[int] | None = None) -> tuple[_Window | None, int]:
     """Instances of the window around ``core`` (y0, y1, x0, x1 in the map), grown until every
     component touching the core is exact or the margin is ``max_margin``; (None if the core
     holds no instance, retries)."""
@@ -264,7 +333,8 @@ def _process_window(arr, c: int, core: tuple[int, int, int, int], shape: tuple[i
         if not exact[in_core - 1].all() and m < max_margin:
             m, retries = min(2 * m if m > 0 else guard, max_margin), retries + 1
             continue
-        return _Window(lab, (ey0, ex0), (cy0, cy1, cx0, cx1), first, exact), retries
+        cls = None if tc is None else np.stack([np.asarray(arr[t, ey0:ey1, ex0:ex1]) for t in tc])
+        return _Window(lab, (ey0, ex0), (cy0, cy1, cx0, cx1), first, exact, cls), retries
 
 
 # ------------------------------------------------------------------------------ output
@@ -331,6 +401,19 @@ def _label_pyramid(lg: zarr.Group, n: int, chunk: int) -> None:
                     dst[0, r0:r1, c0:c1] = block[: r1 - r0, : c1 - c0]
 
 
+def _write_parquet(table_path: Path, parquet_path: Path) -> bool:
+    """``nuclei.parquet`` from the finished ``nuclei.csv`` (with pyarrow; False without it)."""
+    try:
+        import pyarrow.csv as pcsv
+        import pyarrow.parquet as pq
+    except ImportError:
+        return False
+    tmp = parquet_path.with_name(parquet_path.name + ".tmp")
+    pq.write_table(pcsv.read_csv(str(table_path)), str(tmp))
+    os.replace(tmp, parquet_path)
+    return True
+
+
 def write_instances(out_dir: str | Path, cfg: PostprocessConfig | None = None, channel: str = "nucleus",
                     marker_channel: str | None = "auto", window: int = 2048, margin: int = 64, max_margin: int = 512,
                     log: logging.Logger | None = None,
@@ -375,6 +458,7 @@ def write_instances(out_dir: str | Path, cfg: PostprocessConfig | None = None, c
     if marker_channel is not None and marker_channel not in classes:
         raise InstancesError(f"{out_dir}: no marker channel {marker_channel!r} (channels: {', '.join(classes)})")
     mc = None if marker_channel is None else classes.index(marker_channel)
+    tc = [classes.index(t) for t in TYPE_CHANNELS] if all(t in classes for t in TYPE_CHANNELS) else None
     store = out_dir / "probabilities.zarr"
     mpp = float(attrs["mpp"])
     scale = float(attrs.get("scale_from_level0", 1.0))
@@ -386,10 +470,13 @@ def write_instances(out_dir: str | Path, cfg: PostprocessConfig | None = None, c
     source = str(attrs.get("source", out_dir.name))
 
     geo_path = out_dir / GEOJSON_NAME
-    geo_path.unlink(missing_ok=True)  # never leave a stale file beside a new label image
+    table_path, parquet_path = out_dir / TABLE_NAME, out_dir / PARQUET_NAME
+    for stale in (geo_path, table_path, parquet_path):  # never leave a stale file beside a new label image
+        stale.unlink(missing_ok=True)
     lattrs = {
         "channel": channel,
         "marker_channel": marker_channel,
+        "type_channels": list(TYPE_CHANNELS) if tc is not None else None,
         "mpp": mpp,
         "scale_from_level0": scale,
         "resolution": "stored map level 0 (the model's resolution); slide level-0 px = stored px * scale_from_level0",
@@ -406,7 +493,11 @@ def write_instances(out_dir: str | Path, cfg: PostprocessConfig | None = None, c
     n_inst = n_ids = n_windows = n_busy = n_retried = n_clipped = 0
     ids: dict[int, int] = {}  # instance key (map flat index of its first pixel) -> id
     tmp = geo_path.with_name(geo_path.name + ".tmp")
-    with open(tmp, "w") as f:
+    table_tmp = table_path.with_name(table_path.name + ".tmp")
+    types: dict[str, int] = {}
+    with open(tmp, "w") as f, open(table_tmp, "w", newline="") as tf:
+        table = csv.DictWriter(tf, fieldnames=TABLE_COLUMNS)
+        table.writeheader()
         f.write('{"type":"FeatureCollection","features":[')
         sep = "\n"
         for y0 in range(0, H, window):
@@ -415,7 +506,7 @@ def write_instances(out_dir: str | Path, cfg: PostprocessConfig | None = None, c
             for x0 in range(0, W, window):
                 y1, x1 = min(H, y0 + window), min(W, x0 + window)
                 win, retries = _process_window(level0, c, (y0, y1, x0, x1), (H, W), margin, max_margin, guard,
-                                               mpp, cfg, mc)
+                                               mpp, cfg, mc, tc)
                 n_windows += 1
                 n_retried += retries > 0
                 if progress:
@@ -453,19 +544,29 @@ def write_instances(out_dir: str | Path, cfg: PostprocessConfig | None = None, c
                             slices = ndi.find_objects(lab)
                         sl = slices[k - 1]
                         mask, gy, gx = lab[sl] == k, oy + sl[0].start, ox + sl[1].start
+                        wsl = sl
                     else:
                         if core_slices is None:
                             core_slices = ndi.find_objects(core_lab)
                         sl = core_slices[k - 1]
                         mask, gy, gx = core_lab[sl] == k, y0 + sl[0].start, x0 + sl[1].start
+                        wsl = (slice(sl[0].start + cy0, sl[0].stop + cy0), slice(sl[1].start + cx0, sl[1].stop + cx0))
                         n_clipped += 1
+                    means = None
+                    if win.cls is not None:
+                        means = win.cls[:, wsl[0], wsl[1]][:, mask].mean(axis=1) / 255.0
                     n_inst += 1
-                    f.write(sep + _feature(mask, gx, gy, scale, mpp, gid, source, clipped=not win.exact[k - 1]))
+                    text, row = _feature(mask, gx, gy, scale, mpp, gid, source, clipped=not win.exact[k - 1],
+                                         class_means=means)
+                    f.write(sep + text)
+                    table.writerow(row)
+                    types[row["type"]] = types.get(row["type"], 0) + 1
                     sep = ",\n"
                 out[0, y0:y1, x0:x1] = lut[core_lab]
         f.write("\n]}\n")
-        f.flush()
-        os.fsync(f.fileno())
+        for fh in (f, tf):
+            fh.flush()
+            os.fsync(fh.fileno())
     _label_pyramid(lg, n_levels, chunk)
     seconds = time.perf_counter() - t0
     result = {
@@ -479,12 +580,17 @@ def write_instances(out_dir: str | Path, cfg: PostprocessConfig | None = None, c
         "guard": guard,
         "mpp": mpp,
         "scale_from_level0": scale,
+        "types": dict(sorted(types.items())),
         "labels": str(store / "labels" / LABEL_NAME),
         "geojson": str(geo_path),
+        "table": str(table_path),
     }
+    os.replace(table_tmp, table_path)
+    if _write_parquet(table_path, parquet_path):
+        result["parquet"] = str(parquet_path)
     os.replace(tmp, geo_path)
     lg.attrs["wsiseg"] = {**lattrs, **{k: result[k] for k in ("instances", "windows", "retried_windows", "clipped",
-                                                                  "label_ids")}, "complete": True}
+                                                                  "label_ids", "types")}, "complete": True}
     labels_grp = zarr.open_group(str(store / "labels"), mode="a", zarr_format=2)
     names = [n for n in labels_grp.attrs.get("labels", []) if n != LABEL_NAME]
     labels_grp.attrs["labels"] = names + [LABEL_NAME]

@@ -2,17 +2,18 @@
 
 The only module that knows all the pieces. Outputs for a slide, in ``out_dir``:
 ``probabilities.zarr`` (see :mod:`wsiseg.store`), ``summary.json`` (written last: its presence
-with ``complete: true`` means the run finished), ``progress.json`` (for resuming),
-``thumbnail.png`` and ``tissue.png``.
+with ``complete: true`` and the store's run id means the run finished), ``progress.json`` (for
+resuming), ``thumbnail.png`` and ``tissue.png``; the folder's names, lock and state are
+:mod:`wsiseg.run_folder`'s.
 """
 from __future__ import annotations
 
 import json
 import logging
 import resource
-import shutil
+import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -21,20 +22,18 @@ import numpy as np
 from PIL import Image
 
 import wsiseg
+from wsiseg import stain as stain_norm
 from wsiseg.blend import ChunkBlender, DeviceChunkBlender, trim_heap
 from wsiseg.predict import Predictor
-from wsiseg.schedule import BlockPrefetcher
-from wsiseg.slide import ScaledView, SlideError, open_slide
+from wsiseg.run_folder import RunFolder
+from wsiseg.schedule import TileStream
+from wsiseg.sinks import BlockWriter, SerialRunner, ThreadedRunner, make_sink
+from wsiseg.slide import MAX_IMAGE_PIXELS, MAX_RESCALE, ScaledView, SlideError, check_resolution, open_slide
 from wsiseg.store import ProbabilityStore, atomic_write_json
 from wsiseg.tiling import TileGrid, window_blocks
 from wsiseg.tissue import tissue_mask
 
 log = logging.getLogger("wsiseg")
-
-# Everything run_slide writes into an output folder (so a half-made folder can be cleaned).
-OUTPUT_NAMES = {"probabilities.zarr", "summary.json", "summary.json.tmp", "progress.json", "progress.json.tmp",
-                "thumbnail.png", "tissue.png", "cellularity.csv", "cellularity.csv.tmp", "cellularity.parquet",
-                "heatmap.png", "nuclei.geojson", "nuclei.geojson.tmp"}
 
 
 @dataclass(frozen=True)
@@ -43,7 +42,10 @@ class RunConfig:
     overlap: float = 0.5
     batch_size: int = 8
     workers: int = 2
-    mpp: float | None = None  # resolution of inputs that carry none
+    mpp: float | None = None  # resolution of inputs that carry none (--mpp)
+    mpp_override: float | None = None  # resolution of every input, whatever the file says (--mpp-override)
+    max_rescale: float = MAX_RESCALE  # refuse inputs that would be resampled more than this either way
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # plain images decoded whole: refused above this size
     window: str = "hann"
     chunk: int = 512
     block_tiles: int = 8
@@ -64,6 +66,11 @@ class RunConfig:
     cnn: str | None = "cellularity-cnn-proxy"
     # nucleus instances (label image + GeoJSON) from the finished map; see wsiseg.instances
     instances: bool = False
+    # stain normalisation fitted once per slide (wsiseg.stain): none | reinhard | macenko |
+    # vahadane, and CLAHE of L; None: as the model's sidecar says it was trained (else none)
+    stain: str | None = None
+    stain_target: str | None = None  # an image to normalise to (default: the model's reference)
+    clahe: bool | None = None
 
 
 BLEND_THREAD = {"auto": None, "on": True, "off": False}  # --blend-thread -> RunConfig.blend_thread
@@ -93,47 +100,37 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+# The RunConfig fields that decide the map's bytes: a resumed run must have the same values (the
+# others, e.g. batch size, reader threads or blending threads, change how fast, not what).
+MAP_FIELDS = ("tile", "overlap", "window", "chunk", "mpp", "mpp_override", "thumbnail_size", "tissue")
+
+
+def model_fingerprint(model) -> str:
+    """A short SHA-256 of the network's weights (in state_dict order), so that two weight files
+    with the same id never resume each other's output."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in model.network.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def _params(cfg: RunConfig, predictor: Predictor, view: ScaledView, path: Path) -> dict:
-    extra = {} if predictor.tta == "none" else {"tta": predictor.tta}  # (absent without TTA: older outputs still resume)
+    """What decides the stored map (compared whole on resume): the input, the model's identity
+    and weights, the backend when it changes the maps (INT8), TTA, and :data:`MAP_FIELDS`."""
+    extra = {} if predictor.tta == "none" else {"tta": predictor.tta}
     if predictor.backend == "openvino-int8":  # other maps than float32's: a resumed run must not mix them
         extra["backend"] = predictor.backend
-    return extra | {
+    return extra | {f: getattr(cfg, f) for f in MAP_FIELDS} | {
         "input": path.name,
         "input_bytes": path.stat().st_size,
         "model": predictor.model.id,
-        "tile": cfg.tile,
-        "overlap": cfg.overlap,
-        "window": cfg.window,
-        "chunk": cfg.chunk,
-        "mpp": round(view.mpp, 6),
+        "model_weights": model_fingerprint(predictor.model),
+        "view_mpp": round(view.mpp, 6),
         "shape": list(view.shape),
-        "tissue": cfg.tissue,
     }
-
-
-def _existing_state(out_dir: Path, params: dict) -> tuple[str, int]:
-    """('complete' | 'partial' | 'none' | 'mismatch', bands_done) for an output folder."""
-    summary = out_dir / "summary.json"
-    progress = out_dir / "progress.json"
-    store = out_dir / "probabilities.zarr"
-    if not progress.exists() or not store.exists():
-        # A run killed before its first progress record: only our own files may be there.
-        foreign = [p for p in out_dir.iterdir() if p.name not in OUTPUT_NAMES and not p.name.startswith("progress-bands-")] \
-            if out_dir.exists() else []
-        return ("mismatch" if foreign else "none"), 0
-    try:
-        prog = json.loads(progress.read_text())
-    except (json.JSONDecodeError, OSError):
-        return "mismatch", 0
-    if prog.get("params") != params:
-        return "mismatch", 0
-    if summary.exists():
-        try:
-            if json.loads(summary.read_text()).get("complete"):
-                return "complete", int(prog.get("bands_done", 0))
-        except (json.JSONDecodeError, OSError):
-            pass
-    return "partial", int(prog.get("bands_done", 0))
 
 
 @dataclass
@@ -149,22 +146,40 @@ class Prepared:
     seconds: dict
 
 
-def prepare_slide(path: Path, model_mpp: float, cfg: RunConfig) -> Prepared:
-    """Open ``path`` and compute what every stage needs; deterministic, so several processes
-    preparing the same slide agree on the grid. Raises :class:`SlideError` for bad input."""
-    t0 = time.perf_counter()
-    reader = open_slide(path, cfg.mpp)
+def open_view(path: Path, model_mpp: float, cfg: RunConfig) -> tuple[object, ScaledView]:
+    """The slide opened and viewed at the model's resolution, after every check that reads no
+    pixels (the file, its resolution and the resampling it needs, a plain image's size and mode).
+    Raises :class:`SlideError` for bad input."""
+    reader = open_slide(path, cfg.mpp, mpp_override=cfg.mpp_override, max_image_pixels=cfg.max_image_pixels)
     try:
-        view = ScaledView.create(reader, model_mpp)
-        t1 = time.perf_counter()
-        thumb = reader.thumbnail(min(cfg.thumbnail_size, max(reader.level_dimensions[0])))
-        mask = tissue_mask(thumb) if cfg.tissue else np.ones(thumb.shape[:2], bool)
-        grid = TileGrid(view.shape, cfg.tile, cfg.overlap)
-        keep = grid.tissue_tiles(mask)
+        check_resolution(reader, model_mpp, cfg.max_rescale)
+        return reader, ScaledView.create(reader, model_mpp)
     except BaseException:
         reader.close()
         raise
+
+
+def _survey(reader, view: ScaledView, cfg: RunConfig) -> tuple[np.ndarray, np.ndarray, TileGrid, np.ndarray]:
+    """(thumbnail, tissue mask, tile grid, tissue tiles): the first pixels read."""
+    thumb = reader.thumbnail(min(cfg.thumbnail_size, max(reader.level_dimensions[0])))
+    mask = tissue_mask(thumb) if cfg.tissue else np.ones(thumb.shape[:2], bool)
+    grid = TileGrid(view.shape, cfg.tile, cfg.overlap)
+    keep = grid.tissue_tiles(mask)
     trim_heap()  # the thumbnail's and the mask's working arrays are gone
+    return thumb, mask, grid, keep
+
+
+def prepare_slide(path: Path, model_mpp: float, cfg: RunConfig) -> Prepared:
+    """Open a slide and compute what every stage needs; deterministic, so several processes
+    preparing the same slide agree on the grid. Raises :class:`SlideError` for bad input."""
+    t0 = time.perf_counter()
+    reader, view = open_view(path, model_mpp, cfg)
+    t1 = time.perf_counter()
+    try:
+        thumb, mask, grid, keep = _survey(reader, view, cfg)
+    except BaseException:
+        reader.close()
+        raise
     t2 = time.perf_counter()
     return Prepared(reader, view, thumb, mask, grid, keep, {"open": t1 - t0, "tissue": t2 - t1})
 
@@ -178,7 +193,7 @@ def infer_bands(view: ScaledView, grid: TileGrid, keep: np.ndarray, predictor: P
     Only the tiles that touch those bands are read and inferred; their contributions to other
     bands are dropped, so several processes can each write a disjoint band range of one store.
     Tiles go band by band in column windows (:func:`wsiseg.tiling.window_blocks`), read in pieces
-    of a band's rows (:class:`wsiseg.tiling.TileStream`), and blocks of one band by ``2 * chunk``
+    of a band's rows (:class:`wsiseg.schedule.TileStream`), and blocks of one band by ``2 * chunk``
     columns are written as soon as no later tile touches them, so memory does not follow the
     slide's size (the strip that a band's tiles reach into the next waits on disk beyond 16 MB,
     see :class:`~wsiseg.blend.ChunkBlender`); the map is bit-identical to a row-major pass.
@@ -190,8 +205,6 @@ def infer_bands(view: ScaledView, grid: TileGrid, keep: np.ndarray, predictor: P
     each band's last block; everything is on disk when this returns (or raises).
     Returns seconds per stage and the number of tiles inferred (``tiles``).
     """
-    from wsiseg.tiling import TileStream
-
     ch = cfg.chunk
     n_bands = -(-view.shape[0] // ch)
     stop_band = n_bands if stop_band is None else min(stop_band, n_bands)
@@ -199,8 +212,10 @@ def infer_bands(view: ScaledView, grid: TileGrid, keep: np.ndarray, predictor: P
         blender = DeviceChunkBlender(view.shape, len(predictor.channels), cfg.tile, ch, cfg.window,
                                      first_band=first_band, stop_band=stop_band, cols=2 * ch, device=predictor.device)
     else:
+        # a spill folder goes in the run folder: a killed run leaves nothing elsewhere
         blender = ChunkBlender(view.shape, len(predictor.channels), cfg.tile, ch, cfg.window,
-                               first_band=first_band, stop_band=stop_band, cols=2 * ch)
+                               first_band=first_band, stop_band=stop_band, cols=2 * ch,
+                               spill_dir=str(Path(store.path).parent))
     xs = grid.xs
     todo = window_blocks(grid, keep, ch, first_band, stop_band, cfg.block_tiles)
     for blk in todo:
@@ -211,87 +226,23 @@ def infer_bands(view: ScaledView, grid: TileGrid, keep: np.ndarray, predictor: P
     if progress_total:
         progress_total(n_todo)
     t = dict.fromkeys(("infer", "blend", "write", "read_wait", "blend_wait"), 0.0)
-    # two output buffers: the predictor fills one while the other's tiles are being blended
-    threaded = cfg.blend_thread
-    if threaded is None:
-        threaded = predictor.device.type != "cpu"
-    # On the CPU the predictor's probabilities are weighted one tile at a time, into a buffer that
-    # stays in the cache while the blender adds it (the same float32 products as weighting the
-    # whole batch, without writing and reading back a batch of them). On a GPU the window is
-    # applied there, and each batch comes back into one of two reused host buffers: the predictor
-    # fills one while the other's tiles are being blended.
-    per_tile = predictor.device.type == "cpu" and not cfg.blend_on_device
-    weighted = np.empty((len(predictor.channels), cfg.tile, cfg.tile), np.float32) if per_tile else None
-    outs = [] if cfg.blend_on_device or per_tile else [
-        np.empty((cfg.batch_size, len(predictor.channels), cfg.tile, cfg.tile), np.float32)
-        for _ in range(2 if threaded else 1)]
-
-    def write_ready() -> None:
-        tw = time.perf_counter()
-        for b, x, probs in blender.release():
-            store.write_block(b, x, probs)
-            if x + probs.shape[2] >= view.shape[1]:  # the band's last block
-                store.mark_bands_done(b + 1, progress_file)
-            trim_heap(every=0.5)
-        t["write"] += time.perf_counter() - tw
-
-    def blend(probs: np.ndarray, where: list) -> int:
-        tb = time.perf_counter()
-        for p, (y, x) in zip(probs, where):
-            if per_tile:
-                p = np.multiply(p, blender.win, out=weighted)
-            blender.add(p, y, x, weighted=True)
-        t["blend"] += time.perf_counter() - tb
-        write_ready()
-        return len(where)
-
-    # The blender and the store are used by one thread at a time: the blend thread runs one
-    # batch's job at most, and the main thread waits for it before touching either again.
-    pool = ThreadPoolExecutor(1, thread_name_prefix="wsiseg-blend") if threaded else None
-    pending: Future | None = None
-
-    def finish_pending() -> None:
-        nonlocal pending
-        if pending is not None:
-            tw = time.perf_counter()
-            job, pending = pending, None
-            n = job.result()  # raises what the blend thread raised
-            t["blend_wait"] += time.perf_counter() - tw
-            if progress:
-                progress(n)
-
+    threaded = predictor.device.type != "cpu" if cfg.blend_thread is None else cfg.blend_thread
+    writer = BlockWriter(blender, store, view.shape[1], progress_file, t)
+    sink = make_sink(predictor, writer, len(predictor.channels), cfg.tile, cfg.batch_size, cfg.blend_on_device, threaded)
     t_loop = time.perf_counter()
     batches = iter(stream)
     try:
-        with blender:  # removes the blender's spill folder, whatever happens
-            write_ready()  # blocks that no tile touches, before the first tile
-            for i, (tiles, where) in enumerate(batches):
+        with blender, (ThreadedRunner(sink, t, progress) if threaded else SerialRunner(sink, progress)) as runner:
+            sink.release()  # blocks that no tile touches, before the first tile
+            for tiles, where in batches:
                 ti = time.perf_counter()
-                if cfg.blend_on_device:  # probabilities x window, a new tensor on the device for each batch
-                    probs = predictor.on_device(tiles, weight=blender.win)
-                elif per_tile:  # the network's own output, weighted in blend()
-                    probs = predictor.probabilities(tiles)
-                else:  # probabilities x window (as add() would weight each tile), into a reused buffer
-                    probs = predictor(tiles, weight=blender.win, out=outs[i % len(outs)][: len(where)])
+                probs = sink.infer(tiles, len(where))
                 t["infer"] += time.perf_counter() - ti
-                if pool is None:
-                    n = blend(probs, where)
-                    del probs  # not alive during the next batch's forward pass (peak RSS)
-                    if progress:
-                        progress(n)
-                    continue
-                finish_pending()  # the previous batch (its buffer is the one filled next)
-                pending = pool.submit(blend, probs, where)
-            finish_pending()
-            write_ready()
+                runner.add(probs, where)
+                del probs  # not alive during the next batch's forward pass (peak RSS)
+            runner.drain()
+            sink.release()
     finally:
-        if pending is not None:  # an error or interrupt in the main thread: let the job end first
-            try:
-                pending.result()
-            except BaseException:  # the main thread's error is the one raised
-                pass
-        if pool is not None:
-            pool.shutdown(wait=True)
         batches.close()  # stops the reader threads now, also on an error (before the slide closes)
         tw = time.perf_counter()
         store.flush()  # the blocks and progress records queued in the writer thread
@@ -303,9 +254,59 @@ def infer_bands(view: ScaledView, grid: TileGrid, keep: np.ndarray, predictor: P
     return t
 
 
+def _plan(folder: RunFolder, params: dict, cfg: RunConfig, path: Path) -> tuple[str, int, str]:
+    """('complete' | 'partial' | 'new', bands done, a note for the user) for a run into
+    ``folder``; refuses output of other parameters without ``--overwrite``."""
+    state, bands = folder.state(params)
+    if state == "mismatch" and not cfg.overwrite:
+        raise SlideError(
+            f"{path}: {folder.path} holds output of a different run (other model, tile, "
+            "overlap or input); use --overwrite to replace it or -o for another folder"
+        )
+    note = ""
+    if state == "stale" and not cfg.overwrite:
+        note = (f"{folder.path} was written by two runs at once (its summary is not its store's); "
+                "started again")
+    if cfg.overwrite or state in ("none", "mismatch", "stale"):
+        return "new", 0, note  # (state "none" may be a folder killed before its first progress record)
+    return state, bands, note
+
+
+def _skipped(path: Path, out_dir: Path) -> SlideResult:
+    summary = json.loads((out_dir / "summary.json").read_text())
+    return SlideResult(path, out_dir, "skipped", "already complete (use --overwrite to redo)", summary)
+
+
+def _preload_regressors(regs: dict[str, str], channels, on_device: bool) -> threading.Thread | None:
+    """Load the cellularity regressors (LightGBM, the map CNN, and the imports they need: 2-3 s
+    on 2 cores) in a thread while the tiles are inferred on a GPU (``on_device``), instead of
+    after. Not on the CPU, where the network already uses every core: there the thread slowed the
+    tile loop by what it saved (benchmarks/results/cellularity_stage_cpu.json). Only for a model
+    with the class channels the stage reads. A regressor that fails to load here is left to
+    :func:`wsiseg.scoring.score_map`, which loads it again and reports the error."""
+    from wsiseg.scoring import CLASS_INPUTS
+
+    if not on_device or not regs or any(c not in [str(x).lower() for x in channels] for c in CLASS_INPUTS):
+        return None
+
+    def load():
+        from wsiseg.scoring import load_regressor
+
+        for kind, name in regs.items():
+            try:
+                load_regressor(kind, name)
+            except Exception:  # noqa: BLE001 (reported by score_map, on the main thread)
+                pass
+
+    th = threading.Thread(target=load, name="wsiseg-regressors", daemon=True)
+    th.start()
+    return th
+
+
 def run_slide(path: str | Path, out_dir: str | Path, predictor: Predictor, cfg: RunConfig = RunConfig(),
               progress: Callable[[int], None] | None = None, progress_total: Callable[[int], None] | None = None,
-              band_runner: Callable[[int, int], dict] | None = None) -> SlideResult:
+              band_runner: Callable[[int, int], dict] | None = None,
+              stain: stain_norm.StainTransform | None = None) -> SlideResult:
     """Segment one slide or image into ``out_dir``. Raises :class:`SlideError` for bad input.
 
     ``progress(n)`` is called with the number of tiles finished since the last call;
@@ -314,29 +315,44 @@ def run_slide(path: str | Path, out_dir: str | Path, predictor: Predictor, cfg: 
     instead of this process (e.g. split over Dask workers, see :mod:`wsiseg.cluster`) and
     returns :func:`infer_bands`'s statistics; this function still owns the store's creation,
     resumption, pyramid, completion flag and summary.
+    ``stain``: a stain transform fitted elsewhere, applied instead of fitting one to this slide
+    (``cfg.stain`` etc.: see :mod:`wsiseg.stain`); a resumed run reuses the one it recorded.
     """
     path, out_dir = Path(path), Path(out_dir)
     t_start = time.perf_counter()
     times: dict[str, float] = {}
-    prep = prepare_slide(path, predictor.model.mpp, cfg)
-    reader, view, thumb, mask, grid, keep = prep.reader, prep.view, prep.thumb, prep.mask, prep.grid, prep.keep
-    times.update(prep.seconds)
-    try:
+    regs = {k: v for k, v in (("lgbm", cfg.lgbm), ("cnn", cfg.cnn)) if v} if cfg.cellularity else {}
+    folder = RunFolder(out_dir, path)
+    reader, view = open_view(path, predictor.model.mpp, cfg)
+    times["open"] = time.perf_counter() - t_start
+    with ExitStack() as held:
+        held.callback(reader.close)
         params = _params(cfg, predictor, view, path)
-        state, bands_done = _existing_state(out_dir, params)
-        if state == "mismatch" and not cfg.overwrite:
-            raise SlideError(
-                f"{path}: {out_dir} holds output of a different run (other model, tile, "
-                "overlap or input); use --overwrite to replace it or -o for another folder"
-            )
-        if cfg.overwrite or state in ("none", "mismatch"):
-            # start clean (state "none" may be a folder killed before its first progress record)
-            shutil.rmtree(out_dir, ignore_errors=True)
-            state, bands_done = "none", 0
+        # --- stain normalisation: what to do (absent from params and attrs when nothing)
+        try:
+            spec = None if stain is not None else stain_norm.resolve_spec(cfg.stain, cfg.stain_target, cfg.clahe,
+                                                                          predictor.model.meta)
+        except stain_norm.StainError as e:
+            raise SlideError(f"{path}: {e}") from None
+        if spec is not None or stain is not None:
+            params["stain"] = spec.params() if spec is not None else {**stain_norm.given_params(stain)}
+        folder.check()  # a folder that is not wsiseg's is refused before any pixel is read
+        state, bands_done, _ = _plan(folder, params, cfg, path)
         if state == "complete":
-            summary = json.loads((out_dir / "summary.json").read_text())
-            return SlideResult(path, out_dir, "skipped", "already complete (use --overwrite to redo)", summary)
-        out_dir.mkdir(parents=True, exist_ok=True)
+            return _skipped(path, out_dir)
+        preload = _preload_regressors(regs, predictor.channels, predictor.device.type != "cpu")
+        t = time.perf_counter()
+        thumb, mask, grid, keep = _survey(reader, view, cfg)
+        times["tissue"] = time.perf_counter() - t
+        held.enter_context(folder.locked())  # one run at a time; the OS releases it when the process ends
+        folder.check()  # again, now that no other run changes the folder
+        state, bands_done, note = _plan(folder, params, cfg, path)
+        if state == "complete":
+            return _skipped(path, out_dir)
+        if state == "new":
+            folder.clear()  # wsiseg's own files only
+        else:
+            folder.remove_spill()  # a killed run's spill folder: nothing in it is reused
         store_path = out_dir / "probabilities.zarr"
         channels = predictor.channels
         attrs = {
@@ -359,7 +375,14 @@ def run_slide(path: str | Path, out_dir: str | Path, predictor: Predictor, cfg: 
         if state == "partial":
             store = ProbabilityStore.open_existing(store_path)
             log.info("%s: resuming: %d of %d bands already written", path.name, bands_done, -(-view.shape[0] // cfg.chunk))
+            stain_record = store.group.attrs["wsiseg"].get("stain")  # the transform fitted then, not refitted
+            stain_t = stain_norm.from_record(stain_record)
         else:
+            t = time.perf_counter()
+            stain_t, stain_record = stain_norm.for_slide(spec, view, grid, keep, stain)
+            if stain_record is not None:
+                attrs["stain"] = stain_record
+                times["stain_fit"] = time.perf_counter() - t
             store = ProbabilityStore.create(store_path, view.shape, channels, view.mpp, attrs, cfg.chunk)
             # zlib level 1: a 2048 px thumbnail in about 0.4 s instead of 0.65 s, 2.5% larger
             Image.fromarray(thumb).save(out_dir / "thumbnail.png", compress_level=1)
@@ -367,13 +390,12 @@ def run_slide(path: str | Path, out_dir: str | Path, predictor: Predictor, cfg: 
 
         n_tissue = int(keep.sum())
         if band_runner is None:
-            stats = infer_bands(view, grid, keep, predictor, store, cfg, bands_done, None,
+            stats = infer_bands(view, grid, keep, predictor.with_stain(stain_t), store, cfg, bands_done, None,
                                 progress=progress, progress_total=progress_total)
         else:
             stats = band_runner(bands_done, -(-view.shape[0] // cfg.chunk))
-            prog = json.loads(store.progress_path.read_text())
-            prog["bands_done"] = -(-view.shape[0] // cfg.chunk)
-            atomic_write_json(store.progress_path, prog)
+            store.mark_bands_done(-(-view.shape[0] // cfg.chunk))
+            store.flush()
         n_todo = stats.pop("tiles")
         times.update(stats)
 
@@ -395,7 +417,8 @@ def run_slide(path: str | Path, out_dir: str | Path, predictor: Predictor, cfg: 
             from wsiseg.scoring import score_map
 
             t = time.perf_counter()
-            regs = {k: v for k, v in (("lgbm", cfg.lgbm), ("cnn", cfg.cnn)) if v}
+            if preload is not None:
+                preload.join()  # (loaded while the tiles were inferred; score_map finds them cached)
             extra["cellularity"] = score_map(out_dir, regs, cfg.cell_window, cfg.cell_stride, cfg.cell_min_tissue)
             times["cellularity"] = time.perf_counter() - t
         total = time.perf_counter() - t_start
@@ -403,6 +426,7 @@ def run_slide(path: str | Path, out_dir: str | Path, predictor: Predictor, cfg: 
         status = "no_tissue" if n_tissue == 0 else ("resumed" if state == "partial" else "ok")
         summary = {
             "complete": True,
+            "run_id": store.run_id,
             "status": status,
             "input": str(path),
             "output": str(store_path),
@@ -417,8 +441,11 @@ def run_slide(path: str | Path, out_dir: str | Path, predictor: Predictor, cfg: 
             "model": predictor.model.id,
             "tta": predictor.tta,
             "backend": predictor.backend,
+            "backend_reason": getattr(predictor, "backend_reason", "requested"),
             "mpp": view.mpp,
             "slide_mpp": reader.mpp,
+            "slide_mpp_source": reader.mpp_source,  # file, --mpp or --mpp-override
+            "file_mpp": reader.file_mpp,  # what the file says (None: nothing)
             "shape": list(view.shape),
             "channels": channels,
             "config": asdict(cfg),
@@ -426,8 +453,10 @@ def run_slide(path: str | Path, out_dir: str | Path, predictor: Predictor, cfg: 
             "wsiseg_version": wsiseg.__version__,
             **extra,
         }
+        if stain_record is not None:
+            summary["stain"] = stain_record
+        store.check_owner()  # the summary is this run's only while the store is
         atomic_write_json(out_dir / "summary.json", summary)
         msg = "no tissue found: wrote an empty (all-zero) probability map" if n_tissue == 0 else ""
-        return SlideResult(path, out_dir, status, msg, summary)
-    finally:
-        reader.close()
+        warning = stain_record.get("warning") if stain_record is not None else None
+        return SlideResult(path, out_dir, status, "; ".join(m for m in (note, msg, warning) if m), summary)

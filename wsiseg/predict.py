@@ -1,11 +1,14 @@
 """Predictor: batches of RGB tiles -> per-class probabilities, on CUDA (AMP) or all CPU cores."""
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import os
 import warnings
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -28,8 +31,6 @@ def fold_batchnorm(net: torch.nn.Module) -> torch.nn.Module:
     """Fold every BatchNorm2d that directly follows a Conv2d in an ``nn.Sequential`` into the
     convolution (eval-mode statistics; ``torch.nn.utils.fusion.fuse_conv_bn_eval``). Returns a
     new module; the input is left untouched. Same outputs up to float rounding, one op fewer."""
-    import copy
-
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     net = copy.deepcopy(net).eval()
@@ -65,7 +66,14 @@ def _one_thread(numel: int):
         torch.set_num_threads(n)
 
 
-BACKENDS = ("torch", "openvino", "openvino-int8")
+BACKENDS = ("auto", "torch", "openvino", "openvino-int8")
+
+
+def openvino_available() -> bool:
+    """Whether the ``openvino`` package can be imported (a dependency of the default install)."""
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
 
 
 def calibration_tiles(mpp: float, n: int = 64, tile: int = 256, min_tissue: float = 0.5) -> np.ndarray:
@@ -155,6 +163,22 @@ class OpenVINONet(torch.nn.Module):
         return torch.from_numpy(self._request.infer({0: a})[self._output])
 
 
+def _same_outputs(net: torch.nn.Module, ov_net: torch.nn.Module, multiple: int, atol: float = 1e-4,
+                  in_channels: int = 3) -> None:
+    """Raise ValueError unless the compiled network gives the torch network's logits (within
+    ``atol``) on a fixed probe batch: ``--backend auto`` only picks a runtime that is exact (a
+    network whose ``forward`` leaves torch, e.g. through NumPy, traces into constants)."""
+    size = 2 * max(32, multiple)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, in_channels, size, size, generator=g).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = net.eval()(x).float()
+        got = ov_net(x)
+    if got.shape != ref.shape or not torch.allclose(got, ref, atol=atol, rtol=0):
+        diff = "shape " + str(tuple(got.shape)) if got.shape != ref.shape else f"max |d| {float((got - ref).abs().max()):.2g}"
+        raise ValueError(f"OpenVINO's output differs from torch's on a probe batch ({diff})")
+
+
 def _quantise_int8(model, calibration: np.ndarray):
     """NNCF post-training INT8 quantisation of an OpenVINO model with NCHW input, its activation
     ranges from ``calibration`` (N, H, W, C) float32, one tile per calibration step."""
@@ -221,6 +245,13 @@ def _out_array(out: np.ndarray | None, shape: tuple) -> np.ndarray:
     return out
 
 
+def _check_options(tta: str, backend: str) -> None:
+    if tta not in TTA_MODES:
+        raise ValueError(f"unknown test-time augmentation {tta!r}; use none, flips or d4")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; use {' or '.join(BACKENDS)}")
+
+
 class Predictor:
     """Runs a :class:`LoadedModel` on tiles.
 
@@ -235,23 +266,36 @@ class Predictor:
     e.g. the I/O benchmark's stand-in network) has its activation computed once per map.
     ``tta``: ``flips`` or ``d4`` average the probabilities over 4 or 8 flips/rotations of each
     tile (:class:`TestTimeAugmentation`), at 4 or 8 times the network's cost.
+    :meth:`with_stain` gives the predictor for one slide whose tiles first go through that
+    slide's stain transform (:mod:`wsiseg.stain`), on any backend (the OpenVINO network gets the
+    transformed, normalised batch).
     ``backend``: ``torch`` (eager) or, on the CPU, ``openvino`` (:class:`OpenVINONet`: the same
     weights compiled by OpenVINO; everything around the network is unchanged) or
     ``openvino-int8`` (the same, quantised to INT8 on 64 tissue tiles of the bundled sample slide
     at the model's resolution, :func:`calibration_tiles`; 14-18 s once per predictor on 2 cores).
+    ``auto`` (the command line's default): ``openvino`` on the CPU when the package is installed
+    and the network converts, else ``torch``; :attr:`backend` is the one chosen and
+    :attr:`backend_reason` says why (both go into ``summary.json``). INT8 is never chosen
+    automatically.
     """
 
     def __init__(self, model: LoadedModel, device: str = "auto", threads: int | None = None, tta: str = "none",
                  backend: str = "torch"):
         self.model = model
         self.device = resolve_device(device)
-        if tta not in TTA_MODES:
-            raise ValueError(f"unknown test-time augmentation {tta!r}; use none, flips or d4")
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; use {' or '.join(BACKENDS)}")
-        if backend != "torch" and self.device.type != "cpu":
+        _check_options(tta, backend)
+        if backend not in ("torch", "auto") and self.device.type != "cpu":
             raise ValueError(f"--backend {backend} runs on the CPU; use --device cpu (or the torch backend on CUDA)")
         self.tta = tta
+        self.backend_requested = backend
+        self.backend_reason = "requested"
+        if backend == "auto":
+            if self.device.type != "cpu":
+                backend, self.backend_reason = "torch", f"auto: torch on {self.device.type}"
+            elif not openvino_available():
+                backend, self.backend_reason = "torch", "auto: openvino is not installed"
+            else:
+                backend, self.backend_reason = "openvino", "auto: openvino on the CPU"
         self.backend = backend
         if self.device.type == "cpu":
             torch.set_num_threads(threads or os.cpu_count() or 1)
@@ -264,12 +308,33 @@ class Predictor:
         net = fold_batchnorm(model.network)
         if backend != "torch":
             cal = self.normalise(calibration_tiles(model.mpp)) if backend == "openvino-int8" else None
-            net = OpenVINONet(net, torch.get_num_threads(), calibration=cal)
+            try:
+                ov_net = OpenVINONet(net, torch.get_num_threads(), calibration=cal)
+                if self.backend_requested == "auto":
+                    _same_outputs(net, ov_net, model.input_multiple)
+                net = ov_net
+            except ValueError as e:
+                if self.backend_requested != "auto":
+                    raise
+                self.backend, self.backend_reason = "torch", f"auto: torch ({e})"
         if tta != "none":
             net = TestTimeAugmentation(net, tta, model.activation)
         self.net = net.to(self.device).to(memory_format=torch.channels_last).eval()
         self.amp = self.device.type == "cuda"
         self._weight = None  # (window array, its copy on the device), see _device_weight
+        self.stain = None  # the slide's StainTransform (wsiseg.stain), see with_stain
+        self._stain = None  # its tensors on the device
+
+    def with_stain(self, transform) -> "Predictor":
+        """This predictor for one slide whose tiles go through ``transform`` (a
+        :class:`wsiseg.stain.StainTransform`, fitted once for the slide) before the input
+        normalisation, on the device: a shallow copy sharing the network. ``None`` or an identity
+        transform: this predictor itself (whose inputs are normalised as before, bit for bit)."""
+        if transform is None or transform.identity:
+            return self
+        p = copy.copy(self)
+        p.stain, p._stain = transform, transform.on(self.device)
+        return p
 
     def _device_weight(self, weight: np.ndarray) -> torch.Tensor:
         """The blending window on the device (copied once per window array)."""
@@ -289,6 +354,26 @@ class Predictor:
         x = cv2.LUT(np.ascontiguousarray(tiles).reshape(n * h, w, c), self._lut)
         return x.reshape(n, h, w, c)
 
+    def inputs(self, tiles: np.ndarray, torch_input: bool = False) -> torch.Tensor:
+        """(N, T, T, 3) uint8 tiles -> the network's input: (N, 3, T, T) float32 in channels_last
+        memory, on the device, normalised (v - 255 mean) / (255 std); with the slide's stain
+        transform (:meth:`with_stain`) first, by tensor ops on the device (on the CPU by OpenCV's
+        kernels on the batch, unless ``torch_input``: :meth:`wsiseg.stain.DeviceStain.cpu`). Without one,
+        ``torch_input`` normalises with tensor ops on the device (the batch copied there from
+        pinned memory), else with the CPU table (:meth:`normalise`): the same bits."""
+        if self._stain is not None and self.device.type == "cpu" and not torch_input:  # OpenCV's kernels
+            mean, std = self._mean.view(3).numpy(), self._std.view(3).numpy()
+            return torch.from_numpy(self._stain.cpu(tiles, mean, std)).permute(0, 3, 1, 2)
+        if self._stain is not None or torch_input:
+            x = torch.from_numpy(np.ascontiguousarray(tiles))
+            if self.device.type == "cuda":
+                x = x.pin_memory().to(self.device, non_blocking=True)
+            if self._stain is not None:
+                return self._stain(x).sub_(self._mean.view(3)).div_(self._std.view(3)).permute(0, 3, 1, 2)
+            x = x.permute(0, 3, 1, 2).float()  # NHWC memory = channels_last
+            return (x - self._mean) / self._std
+        return torch.from_numpy(self.normalise(tiles)).permute(0, 3, 1, 2)  # channels_last view
+
     def _logits(self, tiles: np.ndarray, torch_input: bool):
         """(the float32 logits to activate: (N, C, T, T), or (N, 1, T, T) when the network repeats
         one map over the classes; the output shape (N, C, T, T)). ``torch_input``: normalise with tensor ops
@@ -296,14 +381,7 @@ class Predictor:
         t = tiles.shape[1]
         if t % self.model.input_multiple:
             raise ValueError(f"tile size {t} is not a multiple of {self.model.input_multiple}, which the model needs")
-        if torch_input:
-            x = torch.from_numpy(np.ascontiguousarray(tiles))
-            if self.device.type == "cuda":
-                x = x.pin_memory().to(self.device, non_blocking=True)
-            x = x.permute(0, 3, 1, 2).float()  # NHWC memory = channels_last
-            x = (x - self._mean) / self._std
-        else:
-            x = torch.from_numpy(self.normalise(tiles)).permute(0, 3, 1, 2)  # channels_last view
+        x = self.inputs(tiles, torch_input)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
             logits = self.net(x)
         logits = logits.float()
@@ -359,3 +437,44 @@ class Predictor:
         else:
             np.multiply(p, weight, out=out)
         return out
+
+
+@dataclass(frozen=True)
+class PredictorSpec:
+    """What builds a :class:`Predictor`, as one frozen, picklable and hashable value: it goes whole
+    to Dask workers (which build and cache one predictor per spec) and to bench's child
+    processes, instead of five arguments passed down by hand. ``model`` is a registry name or a
+    path (``None``: the default model); a relative path is made absolute by :meth:`portable`."""
+
+    model: str | None = None
+    device: str = "auto"
+    threads: int | None = None
+    tta: str = "none"
+    backend: str = "auto"
+
+    def __post_init__(self):
+        _check_options(self.tta, self.backend)
+
+    @classmethod
+    def from_args(cls, args, **overrides) -> "PredictorSpec":
+        """The spec of a parsed command line (``--model``, ``--device``, ``--threads``, ``--tta``,
+        ``--backend``; a flag a command lacks keeps its default)."""
+        fields = {k: getattr(args, k) for k in ("model", "device", "threads", "tta", "backend") if hasattr(args, k)}
+        if isinstance(fields.get("model"), list):  # (eval takes several models)
+            fields.pop("model")
+        return cls(**{**fields, **overrides})
+
+    def portable(self) -> "PredictorSpec":
+        """The same spec with a model path made absolute (for a worker in another directory)."""
+        m = self.model
+        if m is not None and (Path(m).exists() or Path(m + ".safetensors").exists()):
+            return replace(self, model=str(Path(m).resolve()))
+        return self
+
+    def build(self, model: LoadedModel | None = None) -> Predictor:
+        """A predictor for this spec (``model``: the spec's model already loaded)."""
+        if model is None:
+            from wsiseg.models.registry import load_model
+
+            model = load_model(self.model)
+        return Predictor(model, self.device, threads=self.threads, tta=self.tta, backend=self.backend)

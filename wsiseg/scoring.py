@@ -4,13 +4,15 @@ Seed 003 (Rakhlin et al.) scores cellularity from a segmentation network's Norma
 Malignant and Background probability maps in two ways, both run here on every window of a grid
 over the tissue of the finished probability map:
 
-* ``lgbm``: the 81 hand-made features (:mod:`cellularity.features`) -> LightGBM;
-* ``cnn``: a ResNet-34 on the 4-channel maps (seed 003's "SR" regressor, :mod:`cellularity.cnn`).
+* ``lgbm``: the 81 hand-made features (:mod:`wsiseg.cellularity.features`) -> LightGBM;
+* ``cnn``: a ResNet-34 on the 4-channel maps (seed 003's "SR" regressor, :mod:`wsiseg.cellularity.cnn`).
 
 Windows: ``window`` x ``window`` model pixels (default 512 at the model's 0.5 um/px), stride
 ``stride`` (default = window). Windows that reach past the right or bottom edge are moved back
 inside the map so every scored window is full-size (they overlap their neighbour; the CSV gives
-the window actually scored); a map smaller than a window is scored once, padded with background.
+the window actually scored); a map smaller than a window is scored once, on its own extent: its
+features are those of the map itself (normalised by its own pixel count, as the regressors were
+trained on patches of their own size), and the map CNN pads it to its input with background.
 A window is scored when at least ``min_tissue`` of it is tissue (from the run's tissue mask).
 
 Feature scale: the features of seed 003 are totals over a fixed-size patch. Models trained on
@@ -19,7 +21,7 @@ made comparable by dividing the area, activation and blob-count features by the 
 count (``feature_normalisation: per_pixel`` in the regressor's sidecar); the stage applies what
 the sidecar says.
 
-Outputs in the run folder: ``cellularity.csv`` (and ``cellularity.parquet`` when pyarrow is
+Outputs in the run folder: ``wsiseg.cellularity.csv`` (and ``wsiseg.cellularity.parquet`` when pyarrow is
 installed) with slide level-0 ``x, y, width, height``, ``tissue_fraction`` and one column per
 regressor; ``heatmap.png`` (cellularity over the slide thumbnail, with a colour bar); the slide
 summary is returned for ``summary.json``.
@@ -28,7 +30,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -36,9 +37,11 @@ from pathlib import Path
 
 import numpy as np
 
+from wsiseg.classes import CLASS_CHANNELS, NUCLEUS_TYPES
+
 log = logging.getLogger("wsiseg")
 
-CLASS_INPUTS = ("normal", "lymphocyte", "malignant", "background")
+CLASS_INPUTS = CLASS_CHANNELS
 DEFAULT_REGRESSORS = {"lgbm": "cellularity-lgbm-proxy", "cnn": "cellularity-cnn-proxy"}
 
 
@@ -96,13 +99,23 @@ def pad_to(maps: np.ndarray, size: int, channels=CLASS_INPUTS) -> np.ndarray:
     return out
 
 
+def malignant_share(maps: np.ndarray) -> float:
+    """The no-learning baseline of a (4, h, w) :data:`CLASS_INPUTS` map: the malignant probability
+    mass over the nuclear (normal + lymphocyte + malignant) mass, i.e. the proxy label's
+    "tumour nuclear area / all nuclear area" read off the maps (0 where there are no nuclei)."""
+    normal, lymph, malignant = (maps[CLASS_INPUTS.index(c)].astype(np.float64).sum()
+                                for c in NUCLEUS_TYPES)
+    total = normal + lymph + malignant
+    return float(malignant / total) if total > 1e-6 else 0.0
+
+
 def patch_features(maps: np.ndarray, normalisation: str = "per_pixel") -> np.ndarray:
     """The 81 seed 003 features of one (4, h, w) class map in :data:`CLASS_INPUTS` order.
 
     ``per_pixel``: the area, activation and blob features divided by h*w (see the module doc);
     ``none``: the paper's raw totals.
     """
-    from cellularity.features import features
+    from wsiseg.cellularity.features import features
 
     f = features(maps, CLASS_INPUTS)
     if normalisation == "per_pixel":
@@ -116,7 +129,7 @@ class _LGBM:
     def __init__(self, path: Path):
         import json as _json
 
-        from cellularity.regressors import LightGBMRegressor
+        from wsiseg.cellularity.regressors import LightGBMRegressor
 
         self.model = LightGBMRegressor.load(path)
         meta = _json.loads(path.with_suffix(".json").read_text())
@@ -125,7 +138,7 @@ class _LGBM:
     def predict(self, maps: list[np.ndarray]) -> np.ndarray:
         import os
 
-        from cellularity.features import features_batch
+        from wsiseg.cellularity.features import features_batch
 
         if not maps:
             return np.empty(0)
@@ -145,10 +158,37 @@ class _CNN:
     (1 - background), which is how the proxy combines over areas."""
 
     def __init__(self, path: Path):
-        from cellularity.cnn import MapCNNRegressor
+        from wsiseg.cellularity.cnn import MapCNNRegressor
 
         self.model = MapCNNRegressor.load(path)
         self.size = int(self.model.input_size)
+        self.backend = "torch"
+
+    # OpenVINO runs this CNN 1.46x faster than torch on this CPU (scores within 5e-8) but costs
+    # about 1.5 s to compile: it pays from about 115 windows of 512 px (measured:
+    # benchmarks/results/cellularity_stage_cpu.json), so :meth:`prepare` switches from 200.
+    OPENVINO_FROM_WINDOWS = 200
+
+    def prepare(self, n_windows: int) -> None:
+        """Before scoring ``n_windows`` windows: on the CPU, for enough of them, OpenVINO float32 when
+        it is installed and gives the torch network's outputs on a probe batch; else torch."""
+        if self.backend != "torch" or n_windows < self.OPENVINO_FROM_WINDOWS or \
+                not str(self.model.device_).startswith("cpu"):
+            return
+        import torch
+
+        from wsiseg.predict import OpenVINONet, _same_outputs, openvino_available
+
+        if not openvino_available():
+            return
+        net = self.model.model_.eval()
+        try:
+            ov = OpenVINONet(net, torch.get_num_threads(), in_channels=self.model.in_chans)
+            _same_outputs(net, ov, self.size // 2, in_channels=self.model.in_chans)
+        except ValueError as e:
+            log.info("map CNN stays on torch: %s", e)
+            return
+        self.model.model_, self.backend = ov, "openvino"
 
     def predict(self, maps: list[np.ndarray]) -> np.ndarray:
         s = self.size
@@ -238,12 +278,14 @@ def score_map(out_dir: Path, regressors: dict[str, str] | None = None, window: i
         frac = np.ones(len(wins))
     chosen = [Window(y, x, h, w, float(f)) for (y, x, h, w), f in zip(wins, frac) if f >= min_tissue]
     preds = {k: np.zeros(len(chosen)) for k in models}
+    for model in models.values():
+        if hasattr(model, "prepare"):
+            model.prepare(len(chosen))
     for s in range(0, len(chosen), batch):
         part = chosen[s:s + batch]
         maps = []
         for wd in part:
-            m = level0[:, wd.y:wd.y + wd.h, wd.x:wd.x + wd.w][idx].astype(np.float32) / 255.0
-            maps.append(pad_to(m, window))
+            maps.append(level0[:, wd.y:wd.y + wd.h, wd.x:wd.x + wd.w][idx].astype(np.float32) / 255.0)
         for k, model in models.items():
             preds[k][s:s + len(part)] = model.predict(maps)
     scale = float(attrs.get("scale_from_level0", 1.0))
@@ -261,6 +303,8 @@ def score_map(out_dir: Path, regressors: dict[str, str] | None = None, window: i
                "stride_px": stride or window, "window_um": round(window * float(attrs["mpp"]), 1),
                "min_tissue": min_tissue, "regressors": {k: regressors[k] for k in models},
                "seconds": round(time.perf_counter() - t0, 3), "heatmap": heat}
+    if "cnn" in models:
+        summary["cnn_backend"] = models["cnn"].backend
     for k in models:
         p = preds[k]
         if len(p):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +25,8 @@ import cv2
 import numcodecs
 import numpy as np
 import zarr
+
+from wsiseg.run_folder import check_owner
 
 COLORS = ["FF0000", "00FF00", "0000FF", "FFFF00", "FF00FF", "00FFFF"]
 
@@ -36,11 +39,15 @@ COMPRESSOR = {"id": "blosc", "cname": "zstd", "clevel": 1, "shuffle": 0, "blocks
 
 def atomic_write_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # (an interrupt, a full disk): no half-written temporary file stays
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def n_levels(shape: tuple[int, int], chunk: int) -> int:
@@ -183,10 +190,13 @@ class ProbabilityStore:
     background thread, progress records after them in the same thread; :meth:`flush` (called by
     :meth:`build_pyramid` and :meth:`mark_complete`) waits for all of it."""
 
-    def __init__(self, path: Path, group: zarr.Group, progress_path: Path):
+    def __init__(self, path: Path, group: zarr.Group, progress_path: Path, run_id: str | None = None):
         self.path = path
         self.group = group
         self.progress_path = progress_path
+        # the id of the run that created the store (None: a store from before run ids); progress
+        # records, the completion flag and the summary are written only while progress.json has it
+        self.run_id = run_id
         self._writers: dict[str, ChunkWriter | None] = {}
         self._queue: ChunkWriter | None = None  # the thread that runs every write, in order
 
@@ -263,12 +273,24 @@ class ProbabilityStore:
             "wsiseg": {**attrs, "complete": False},
         })
         progress = path.parent / "progress.json"
-        atomic_write_json(progress, {"params": attrs.get("params", {}), "bands_done": 0, "chunk": chunk})
-        return cls(path, grp, progress)
+        run_id = uuid.uuid4().hex
+        atomic_write_json(progress, {"params": attrs.get("params", {}), "bands_done": 0, "chunk": chunk,
+                                     "run_id": run_id})
+        return cls(path, grp, progress, run_id)
 
     @classmethod
     def open_existing(cls, path: Path) -> "ProbabilityStore":
-        return cls(path, zarr.open_group(str(path), mode="r+"), path.parent / "progress.json")
+        progress = path.parent / "progress.json"
+        try:
+            run_id = json.loads(progress.read_text()).get("run_id")
+        except (OSError, ValueError):
+            run_id = None
+        return cls(path, zarr.open_group(str(path), mode="r+"), progress, run_id)
+
+    def check_owner(self) -> None:
+        """Raise :class:`wsiseg.run_folder.RunFolderError` if another run has re-created the
+        store since this one opened it (its progress.json no longer has this run's id)."""
+        check_owner(self.progress_path, self.run_id)
 
     @property
     def chunk(self) -> int:
@@ -295,12 +317,6 @@ class ProbabilityStore:
         np.rint(probs, out=probs)
         return probs.astype(np.uint8)
 
-    def write_band(self, band: int, probs: np.ndarray, progress_path: Path | None = None) -> None:
-        """Write level-0 band ``band`` ((C, rows, W) float32 in [0, 1]), then record in
-        ``progress_path`` (default ``progress.json``) that bands up to it are done."""
-        self.write_block(band, 0, probs.copy())
-        self.mark_bands_done(band + 1, progress_path)
-
     def write_block(self, band: int, x: int, probs: np.ndarray) -> None:
         """Write (C, rows, w) float32 probabilities in [0, 1] at level-0 band ``band``, columns
         from ``x`` (a multiple of the chunk width; ``w`` too, or reaching the right edge).
@@ -317,10 +333,12 @@ class ProbabilityStore:
         else:
             self._mark(n, progress_path)
 
-    @staticmethod
-    def _mark(n: int, progress_path: Path) -> None:
+    def _mark(self, n: int, progress_path: Path) -> None:
+        check_owner(progress_path, self.run_id, must_exist=progress_path == self.progress_path)
         prog = json.loads(progress_path.read_text()) if progress_path.exists() else {}
         prog["bands_done"] = n
+        if self.run_id is not None:
+            prog["run_id"] = self.run_id
         atomic_write_json(progress_path, prog)
 
     def build_pyramid(self, cols: int | None = None) -> None:
@@ -367,6 +385,7 @@ class ProbabilityStore:
 
     def mark_complete(self, extra: dict) -> None:
         self.flush()
+        self.check_owner()
         attrs = dict(self.group.attrs["wsiseg"])
         attrs.update(extra)
         attrs["complete"] = True

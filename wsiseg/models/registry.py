@@ -16,8 +16,9 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
+import torch
 from torch import nn
 
 from wsiseg.models.unet import UNetBN
@@ -37,6 +38,20 @@ def _zoo(name: str) -> Callable[..., nn.Module]:
     return build
 
 
+def _composite(name: str) -> Callable[..., nn.Module]:
+    """A builder of a network made of other models (``members``: specs or trained models'
+    names/paths, resolved here by :func:`build_members`), so the zoo never looks models up."""
+
+    def build(members: Sequence, **kwargs: Any) -> nn.Module:
+        from wsiseg.models import zoo
+
+        built, specs, ref = build_members(members)
+        return getattr(zoo, name)(built, specs, ref, **kwargs)
+
+    build.__name__ = build.__qualname__ = name
+    return build
+
+
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "unet_bn": UNetBN,
     # the seeds' model zoo (wsiseg.models.zoo, wsiseg.models.maskrcnn)
@@ -44,8 +59,8 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "fpn_rakhlin": _zoo("FPNNet"),  # seed 003: ResNet-34 + FPN decoder, 4 classes
     "use_net": _zoo("USENet"),  # seed 002: SE-ResNet-50 U-Net, mask + shape marker
     "maskrcnn": _zoo("MaskRCNNSemantic"),  # seeds 001, 004: Mask R-CNN, ResNet-101 FPN
-    "unet_ensemble": _zoo("UNetEnsemble"),  # seed 001: mean of U-Net probabilities
-    "gb_unet": _zoo("GBUNet"),  # seed 001: two-stage GB U-Net
+    "unet_ensemble": _composite("UNetEnsemble"),  # seed 001: mean of U-Net probabilities
+    "gb_unet": _composite("GBUNet"),  # seed 001: two-stage GB U-Net
 }
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
@@ -56,9 +71,25 @@ class ModelError(ValueError):
     """A model name or file that cannot be used; the message says why and what to do."""
 
 
-def list_models() -> list[str]:
-    """Names of the shipped models (those with a sidecar in the package's weights folder)."""
-    return sorted(p.stem for p in WEIGHTS_DIR.glob("*.json"))
+def _kind(meta: dict) -> str:
+    """``cellularity`` for a cellularity regressor's sidecar (``"format": "cellularity...``), else
+    ``segmentation``."""
+    return "cellularity" if str(meta.get("format", "")).startswith("cellularity") else "segmentation"
+
+
+def list_models(kind: str = "segmentation") -> list[str]:
+    """Names of the shipped models of ``kind``: ``segmentation`` (for ``--model``) or
+    ``cellularity`` (the regressors, for ``--lgbm`` / ``--cnn``), by their sidecars in the
+    package's weights folder."""
+    names = []
+    for p in sorted(WEIGHTS_DIR.glob("*.json")):
+        try:
+            meta = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(meta, dict) and _kind(meta) == kind:
+            names.append(p.stem)
+    return names
 
 
 def build_model(architecture: str, **kwargs: Any) -> nn.Module:
@@ -161,32 +192,125 @@ def export_model(src: str | Path, dst: str | Path, half: bool = True) -> Path:
     return dst
 
 
+def _check_sidecar(meta, side: Path) -> None:
+    """Refuse a sidecar whose fields the engine cannot use (one line naming the field)."""
+    if not isinstance(meta, dict):
+        raise ModelError(f"{side}: the sidecar is not a JSON object")
+    if _kind(meta) == "cellularity":
+        raise ModelError(f"{side.with_suffix('')}: is a cellularity regressor ({meta.get('format')}), not a "
+                         "segmentation model: give it to --lgbm or --cnn; segmentation models: "
+                         f"{', '.join(list_models()) or 'none shipped'}")
+    for key in ("architecture", "classes", "mpp", "normalization"):
+        if key not in meta:
+            raise ModelError(f"{side}: sidecar lacks the field {key!r}")
+    classes, mpp, norm = meta["classes"], meta["mpp"], meta["normalization"]
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        raise ModelError(f"{side}: 'classes' must be a non-empty list of names, got {classes!r}")
+    if isinstance(mpp, bool) or not isinstance(mpp, (int, float)) or not 0 < mpp < float("inf"):
+        raise ModelError(f"{side}: 'mpp' must be a positive number of micrometres per pixel, got {mpp!r}")
+    for k in ("mean", "std"):
+        v = norm.get(k) if isinstance(norm, dict) else None
+        if not (isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)
+                and (k == "mean" or all(x > 0 for x in v))):
+            raise ModelError(f"{side}: 'normalization.{k}' must be 3 numbers (RGB){' above 0' if k == 'std' else ''}, "
+                             f"got {v!r}")
+    if meta.get("activation", "sigmoid") not in ("sigmoid", "softmax"):
+        raise ModelError(f"{side}: 'activation' must be sigmoid or softmax, got {meta['activation']!r}")
+    m = meta.get("input_multiple", 16)
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise ModelError(f"{side}: 'input_multiple' must be a positive integer, got {m!r}")
+    if not isinstance(meta.get("arch_kwargs", {}), dict):
+        raise ModelError(f"{side}: 'arch_kwargs' must be a JSON object, got {meta['arch_kwargs']!r}")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+def _check_fit(net: nn.Module, state: dict, path: Path, meta: dict) -> None:
+    """Refuse weights that do not fit the network the sidecar describes (one line, naming the
+    first tensor that differs)."""
+    own = net.state_dict()
+    arch = f"architecture {meta['architecture']!r} with arch_kwargs {meta.get('arch_kwargs', {})}"
+    shapes = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
+              if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if shapes:
+        k, a, b = shapes[0]
+        raise ModelError(f"{path}: the weights do not fit the sidecar's {arch}: {len(shapes)} tensor(s) differ "
+                         f"in shape, e.g. {k} is {list(a)} in the file and {list(b)} in the network")
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise ModelError(
+            f"{path}: the weights do not fit the sidecar's {arch} "
+            f"(missing {len(missing)}, unexpected {len(unexpected)} tensors, e.g. {(missing or unexpected)[0]})"
+        )
+
+
+def _check_output(net: nn.Module, meta: dict, path: Path) -> None:
+    """Run the network once on a small blank input: it must give one channel per class of the
+    sidecar, at the input's size (else the engine would fail later, in the middle of a run)."""
+    m = int(meta.get("input_multiple", 16))
+    side = m * max(1, -(-64 // m))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny; and one thread is safe in a forked child (OpenMP's pool is not)
+    try:
+        with torch.inference_mode():
+            out = net(torch.zeros(1, 3, side, side))
+    except Exception as e:
+        raise ModelError(f"{path}: the network fails on a blank {side} x {side} input ({_first_line(e)})") from None
+    finally:
+        torch.set_num_threads(threads)
+    classes = meta["classes"]
+    shape = tuple(getattr(out, "shape", ()))
+    if len(shape) != 4 or shape[2:] != (side, side):
+        raise ModelError(f"{path}: the network gives {list(shape) or type(out).__name__} for a {side} x {side} "
+                         f"input; the engine needs (N, channels, {side}, {side})")
+    if shape[1] != len(classes):
+        raise ModelError(f"{path}: the network gives {shape[1]} channel(s) but the sidecar lists "
+                         f"{len(classes)} class(es) {classes}: the sidecar does not belong to these weights")
+
+
 def load_model(name_or_path: str | Path | None = None) -> LoadedModel:
-    """Load a model by shipped name or path; returns it in eval mode on the CPU."""
+    """Load a model by shipped name or path; returns it in eval mode on the CPU.
+
+    Everything is checked before any output is made, each failure one :class:`ModelError` line
+    naming the file: the sidecar's fields, the weights file (safetensors only: never unpickled),
+    the weights against the architecture, and the network's output against the classes."""
     from safetensors.torch import load_file
 
     path = resolve_model_path(name_or_path)
+    side = path.with_suffix(".json")
     try:
-        meta = json.loads(path.with_suffix(".json").read_text())
-    except json.JSONDecodeError as e:
-        raise ModelError(f"{path.with_suffix('.json')}: sidecar is not valid JSON ({e})") from None
-    for key in ("architecture", "classes", "mpp", "normalization"):
-        if key not in meta:
-            raise ModelError(f"{path.with_suffix('.json')}: sidecar lacks the field {key!r}")
+        meta = json.loads(side.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{side}: sidecar is not valid JSON ({e})") from None
+    _check_sidecar(meta, side)
     kwargs = dict(meta.get("arch_kwargs", {}))
     kwargs.pop("pretrained", None)  # the saved weights replace any pre-trained encoder
     kwargs.pop("pretrained_backbone", None)
-    with warnings.catch_warnings():  # "random weights" warnings do not apply: weights follow
-        warnings.filterwarnings("ignore", message=".*starts from random weights.*")
-        net = build_model(meta["architecture"], **kwargs)
-    state = load_file(str(path))
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ModelError(
-            f"{path}: weights do not fit architecture {meta['architecture']!r} "
-            f"(missing {len(missing)}, unexpected {len(unexpected)} tensors)"
-        )
+    try:
+        with warnings.catch_warnings():  # "random weights" warnings do not apply: weights follow
+            warnings.filterwarnings("ignore", message=".*starts from random weights.*")
+            net = build_model(meta["architecture"], **kwargs)
+    except ModelError as e:
+        raise ModelError(f"{side}: {e}") from None
+    except Exception as e:  # arch_kwargs the builder does not take
+        raise ModelError(f"{side}: architecture {meta['architecture']!r} cannot be built from arch_kwargs "
+                         f"{kwargs} ({_first_line(e)})") from None
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # safetensors' own error for a damaged file, or an OSError
+        raise ModelError(f"{path}: not a readable safetensors file ({_first_line(e)}): it is truncated, damaged "
+                         "or of another format (wsiseg never unpickles weights); copy or export it again") from None
+    _check_fit(net, state, path, meta)
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # e.g. a dtype that cannot be copied
+        raise ModelError(f"{path}: the weights cannot be loaded into the network ({_first_line(e)})") from None
     net.eval()
+    _check_output(net, meta, path)
     return LoadedModel(net, meta)
 
 
@@ -197,8 +321,6 @@ def ensemble_model(members: list[str | Path], dst: str | Path, model_id: str | N
     give the same classes at the same um/px with sigmoid outputs; each keeps its own input
     normalisation (mapped onto the first member's, which the ensemble's sidecar states). The
     first member's instance post-processing (``postprocess``) is kept."""
-    from wsiseg.models.zoo import UNetEnsemble
-
     if len(members) < 2:
         raise ModelError("an ensemble needs at least two trained models")
     loaded = []
@@ -213,7 +335,7 @@ def ensemble_model(members: list[str | Path], dst: str | Path, model_id: str | N
         if meta["classes"] != classes:
             raise ModelError(f"{path}: classes {meta['classes']} differ from the first member's {classes}")
     try:
-        net = UNetEnsemble([str(p) for p, _ in loaded])
+        net = build_model("unet_ensemble", members=[str(p) for p, _ in loaded])
     except ValueError as e:  # e.g. members at different um/px
         raise ModelError(str(e)) from None
     ref = net.reference
@@ -243,3 +365,41 @@ def ensemble_model(members: list[str | Path], dst: str | Path, model_id: str | N
         meta["postprocess"] = first["postprocess"]
         meta["postprocess_from"] = first.get("id", loaded[0][0].stem)
     return save_model(net, meta, dst)
+
+
+def build_members(members: Sequence) -> tuple[list[nn.Module], list[dict], dict | None]:
+    """Members from specs: ``{"architecture": ..., "arch_kwargs": {...}}`` (built untrained; the
+    weights come with the combined model's file, so a ``pretrained`` entry is ignored) or a
+    trained model's name/path (loaded, and its normalisation mapped onto the first path
+    member's). Returns (members, specs for the sidecar, reference metadata {mpp, normalization,
+    input_multiple} of the first loaded member, or None)."""
+    from wsiseg.models.zoo import RandomInitWarning, _Member
+
+    if not members:
+        raise ValueError("an ensemble needs at least one member")
+    out, specs, ref = [], [], None
+    for m in members:
+        if isinstance(m, dict):
+            kw = {k: v for k, v in dict(m.get("arch_kwargs", {})).items() if k != "pretrained"}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RandomInitWarning)
+                net = build_model(m["architecture"], **kw)
+            out.append(_Member(net))
+            specs.append({"architecture": m["architecture"], "arch_kwargs": kw})
+            continue
+        lm = load_model(m)
+        mean = torch.tensor(lm.mean)
+        std = torch.tensor(lm.std)
+        if ref is None:
+            ref = {"mpp": lm.mpp, "normalization": dict(lm.meta["normalization"]),
+                   "input_multiple": lm.input_multiple}
+        elif abs(lm.mpp - ref["mpp"]) > 1e-6:
+            raise ValueError(f"member {m} works at {lm.mpp} um/px, the first at {ref['mpp']} um/px")
+        rmean = torch.tensor(ref["normalization"]["mean"])
+        rstd = torch.tensor(ref["normalization"]["std"])
+        out.append(_Member(lm.network, scale=rstd / std, shift=(rmean - mean) / std))
+        kw = dict(lm.meta.get("arch_kwargs", {}))
+        kw.pop("pretrained", None)
+        specs.append({"architecture": lm.meta["architecture"], "arch_kwargs": kw})
+        ref["input_multiple"] = max(ref["input_multiple"], lm.input_multiple)
+    return out, specs, ref

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wsiseg.classes import CLASS_CHANNELS
+
 __all__ = [
     "FPNNet",
     "GBUNet",
@@ -55,7 +57,7 @@ SEED_ENCODERS = (
     "seresnet50",  # seed 002
 )
 
-FPN_CLASSES = ("normal", "lymphocyte", "malignant", "background")
+FPN_CLASSES = CLASS_CHANNELS
 
 
 class RandomInitWarning(UserWarning):
@@ -348,57 +350,21 @@ class _Member(nn.Module):
         return self.net(self.adapt(x))
 
 
-def _build_members(members: Sequence) -> tuple[list[_Member], list[dict], dict | None]:
-    """Members from specs: ``{"architecture": ..., "arch_kwargs": {...}}`` (built untrained; the
-    weights come with the combined model's file, so a ``pretrained`` entry is ignored) or a
-    trained model's name/path (loaded, and its normalisation mapped onto the first path
-    member's). Returns (members, specs for the sidecar, reference metadata {mpp, normalization,
-    input_multiple} of the first loaded member, or None)."""
-    from wsiseg.models.registry import build_model, load_model
-
-    if not members:
-        raise ValueError("an ensemble needs at least one member")
-    out, specs, ref = [], [], None
-    for m in members:
-        if isinstance(m, dict):
-            kw = {k: v for k, v in dict(m.get("arch_kwargs", {})).items() if k != "pretrained"}
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RandomInitWarning)
-                net = build_model(m["architecture"], **kw)
-            out.append(_Member(net))
-            specs.append({"architecture": m["architecture"], "arch_kwargs": kw})
-            continue
-        lm = load_model(m)
-        mean = torch.tensor(lm.mean)
-        std = torch.tensor(lm.std)
-        if ref is None:
-            ref = {"mpp": lm.mpp, "normalization": dict(lm.meta["normalization"]),
-                   "input_multiple": lm.input_multiple}
-        elif abs(lm.mpp - ref["mpp"]) > 1e-6:
-            raise ValueError(f"member {m} works at {lm.mpp} um/px, the first at {ref['mpp']} um/px")
-        rmean = torch.tensor(ref["normalization"]["mean"])
-        rstd = torch.tensor(ref["normalization"]["std"])
-        out.append(_Member(lm.network, scale=rstd / std, shift=(rmean - mean) / std))
-        kw = dict(lm.meta.get("arch_kwargs", {}))
-        kw.pop("pretrained", None)
-        specs.append({"architecture": lm.meta["architecture"], "arch_kwargs": kw})
-        ref["input_multiple"] = max(ref["input_multiple"], lm.input_multiple)
-    return out, specs, ref
-
-
 class UNetEnsemble(nn.Module):
     """Seed 001's U-Net ensemble: the pixel-wise mean of the members' sigmoid probabilities.
 
-    ``members``: specs ``{"architecture": "unet_timm", "arch_kwargs": {...}}`` or paths of trained
-    models (see :func:`_build_members`). ``forward`` returns ``logit(mean p)`` (p clamped to
-    [eps, 1 - eps], computed in float32), so the engine's sigmoid gives the mean probability.
-    After building from paths, :attr:`reference` holds the mpp/normalisation for the sidecar.
+    ``members``: the built members (:class:`_Member`), ``specs`` their sidecar entries and
+    ``reference`` the mpp/normalisation of the first trained one (or None); build it by name with
+    ``build_model("unet_ensemble", members=[specs or paths])`` (:func:`wsiseg.models.registry.build_members`).
+    ``forward`` returns ``logit(mean p)`` (p clamped to [eps, 1 - eps], computed in float32), so
+    the engine's sigmoid gives the mean probability.
     """
 
-    def __init__(self, members: Sequence, eps: float = 1e-6):
+    def __init__(self, members: Sequence[nn.Module], specs: list[dict], reference: dict | None = None,
+                 eps: float = 1e-6):
         super().__init__()
-        built, self._specs, self.reference = _build_members(members)
-        self.members = nn.ModuleList(built)
+        self._specs, self.reference = list(specs), reference
+        self.members = nn.ModuleList(members)
         self.eps = float(eps)
         self.input_multiple = max(int(getattr(m.net, "input_multiple", 1)) for m in self.members)
 
@@ -467,15 +433,18 @@ class GBUNet(nn.Module):
 
     ``freeze_first_stage`` (default): stage one keeps its weights and BatchNorm statistics (eval
     mode, no gradients); only stage two trains, as in the paper's two-stage training.
+    ``members``, ``specs``, ``reference`` as :class:`UNetEnsemble`'s; build it by name with
+    ``build_model("gb_unet", members=[...], ...)``.
     """
 
-    def __init__(self, members: Sequence, out_channels: int = 1, base: int = 32, depth: int = 4,
+    def __init__(self, members: Sequence[nn.Module], specs: list[dict], reference: dict | None = None,
+                 out_channels: int = 1, base: int = 32, depth: int = 4,
                  dropout: float = 0.1, stage1: str = "features", freeze_first_stage: bool = True):
         super().__init__()
         if stage1 not in ("features", "logits"):
             raise ValueError(f"stage1 must be 'features' or 'logits', got {stage1!r}")
-        built, self._specs, self.reference = _build_members(members)
-        self.members = nn.ModuleList(built)
+        self._specs, self.reference = list(specs), reference
+        self.members = nn.ModuleList(members)
         self.stage1 = stage1
         self.freeze_first_stage = bool(freeze_first_stage)
         ch = 0

@@ -14,6 +14,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from wsiseg.classes import CLASS_CHANNELS
+
 MONUSEG_MPP = 0.25
 
 # MoNuSeg 2018 training images by organ (TCGA tissue source sites), for a split by image.
@@ -116,7 +118,6 @@ def data_hash(samples: list[Sample]) -> str:
 
 # --- class-labelled nuclei: CoNSeP and MoNuSAC, mapped to seed 003's channels -----------------
 # Channel order of the class head (seed 003): Normal, Lymphocyte, Malignant, Background.
-CLASS_CHANNELS = ("normal", "lymphocyte", "malignant", "background")
 # CoNSeP classes/<name>.png: 0 background, 1 other, 2 inflammatory, 3 epithelial, 4 spindle.
 CONSEP_TO_CHANNEL = {0: 3, 1: 0, 2: 1, 3: 2, 4: 0}
 # MoNuSAC masks/<name>.png: 0 none, 1 epithelial, 2 lymphocyte, 3 macrophage, 4 neutrophil
@@ -132,6 +133,7 @@ class ClassSample:
     group: str  # the source image (CoNSeP) or slide (MoNuSAC): split by this, never by tile
     image: np.ndarray  # (H, W, 3) uint8 RGB at the target mpp
     classes: np.ndarray  # (H, W) uint8 channel index into CLASS_CHANNELS
+    instances: np.ndarray | None = None  # (H, W) int32 nucleus ids where the data set has them (CoNSeP)
 
     @property
     def mask(self) -> np.ndarray:
@@ -148,10 +150,14 @@ def _map_labels(labels: np.ndarray, mapping: dict[int, int], path: Path) -> np.n
     return lut[labels]
 
 
-def _load_class_set(img_files: list[Path], label_of, mapping, group_of, src_mpp, target_mpp):
+def _load_class_set(img_files: list[Path], label_of, mapping, group_of, src_mpp, target_mpp, instances_of=None):
     scale = src_mpp / target_mpp
     out = []
     for f in img_files:
+        inst = None
+        if instances_of is not None:
+            inst = np.asarray(Image.open(instances_of(f))).astype(np.int32)
+            inst = np.ascontiguousarray(resample(inst, scale, nearest=True))
         lab_path = label_of(f)
         img = np.asarray(Image.open(f).convert("RGB"))
         lab = np.asarray(Image.open(lab_path))
@@ -159,18 +165,20 @@ def _load_class_set(img_files: list[Path], label_of, mapping, group_of, src_mpp,
             raise ValueError(f"{lab_path}: expected a {img.shape[:2]} single-channel label map, got {lab.shape}")
         ch = _map_labels(lab, mapping, lab_path)
         out.append(ClassSample(f.stem, group_of(f.stem), np.ascontiguousarray(resample(img, scale)),
-                               np.ascontiguousarray(resample(ch, scale, nearest=True))))
+                               np.ascontiguousarray(resample(ch, scale, nearest=True)), inst))
     return out
 
 
-def load_consep(root: str | Path, target_mpp: float = 0.5) -> list[ClassSample]:
-    """CoNSeP tiles (``images/<name>.jpg``, ``classes/<name>.png``) at ``target_mpp``."""
+def load_consep(root: str | Path, target_mpp: float = 0.5, instances: bool = False) -> list[ClassSample]:
+    """CoNSeP tiles (``images/<name>.jpg``, ``classes/<name>.png``, with ``instances`` also
+    ``instances/<name>.png``) at ``target_mpp``."""
     root = Path(root)
     files = sorted((root / "images").glob("*.jpg"))
     if not files:
         raise FileNotFoundError(f"{root}: no images/*.jpg (expected the CoNSeP tile layout)")
     return _load_class_set(files, lambda f: root / "classes" / f"{f.stem}.png", CONSEP_TO_CHANNEL,
-                           lambda n: n.rsplit("_", 1)[0], CONSEP_MPP, target_mpp)
+                           lambda n: n.rsplit("_", 1)[0], CONSEP_MPP, target_mpp,
+                           (lambda f: root / "instances" / f"{f.stem}.png") if instances else None)
 
 
 def load_monusac(root: str | Path, target_mpp: float = 0.5) -> list[ClassSample]:
@@ -181,6 +189,18 @@ def load_monusac(root: str | Path, target_mpp: float = 0.5) -> list[ClassSample]
         raise FileNotFoundError(f"{root}: no images/*.jpg (expected the MoNuSAC layout)")
     return _load_class_set(files, lambda f: root / "masks" / f"{f.stem}.png", MONUSAC_TO_CHANNEL,
                            lambda n: n.rsplit("_", 1)[0], MONUSAC_MPP, target_mpp)
+
+
+TNBC_MPP = 0.25
+
+
+def split_tnbc(root: str | Path, target_mpp: float, val_patients=("05", "11")) -> tuple[list[Sample], list[Sample]]:
+    """TNBC (Naylor et al. 2018; ``images/``, ``masks/``, ``instances/`` of ``tnbc_<patient>_<n>.png``)
+    at ``target_mpp``, split by patient: (train, val) with ``val_patients`` held out."""
+    samples = load_monuseg(root, target_mpp, source_mpp=TNBC_MPP)
+    val = {f"tnbc_{p}_" for p in val_patients}
+    is_val = [any(s.name.startswith(v) for v in val) for s in samples]
+    return [s for s, v in zip(samples, is_val) if not v], [s for s, v in zip(samples, is_val) if v]
 
 
 def split_groups(samples: list[ClassSample], every: int) -> tuple[list[ClassSample], list[ClassSample]]:

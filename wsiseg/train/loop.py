@@ -35,6 +35,8 @@ import torch
 
 from wsiseg.models.registry import build_model, save_model
 from wsiseg.predict import resolve_device
+from wsiseg.classes import CLASS_CHANNELS
+from wsiseg.stain import normalise_image, training_stain
 from wsiseg.train.augment import augment, random_crop
 from wsiseg.train.datasets import Sample, data_hash, split_monuseg
 from wsiseg.train.losses import LOSSES
@@ -81,6 +83,12 @@ class TrainConfig:
     # model's resolution, default post-processing; with a marker channel, marker watershed)
     data_mpp: float = 0.25  # um/px of the MoNuSeg files in ``data`` (0.25 as distributed; 0.5 for
     # a copy already resampled to the model's resolution, which loads the same pixels faster)
+    # stain normalisation of every training and validation image (wsiseg.stain), recorded in the
+    # sidecar so that the engine applies the same: none | reinhard | macenko | vahadane; the
+    # target: None (the training images pooled), a training image's name (seed 002) or a file
+    stain: str = "none"
+    stain_target: str | None = None
+    clahe: bool = False  # contrast-limited equalisation of L (seed 004), one table per image
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
@@ -184,6 +192,12 @@ def train(cfg: TrainConfig, log=print) -> Path:
         train_s, val_s = split_monuseg(cfg.data, cfg.mpp, source_mpp=cfg.data_mpp)
     if cfg.val_limit:
         val_s = val_s[: cfg.val_limit]
+    stain_spec, stain_meta = training_stain(cfg.stain, cfg.stain_target, cfg.clahe, {s.name: s.image for s in train_s},
+                                            f"the {len(train_s)} training images")
+    if stain_spec is not None:
+        train_s = [dataclasses.replace(s, image=normalise_image(s.image, stain_spec)) for s in train_s]
+        val_s = [dataclasses.replace(s, image=normalise_image(s.image, stain_spec)) for s in val_s]
+        log(f"stain: {cfg.stain}{' + clahe' if cfg.clahe else ''} to {stain_meta['stain']['target_origin']}")
     pix = np.concatenate([s.image.reshape(-1, 3) for s in train_s]).astype(np.float64) / 255
     mean, std = pix.mean(0).astype(np.float32), pix.std(0).astype(np.float32)
     del pix
@@ -228,6 +242,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
             "resampled_from_mpp": 0.25,
             "config": dataclasses.asdict(cfg),
         },
+        **stain_meta,
     }
     if cfg.target != "mask":
         meta["training"]["target"] = cfg.target
@@ -337,7 +352,7 @@ TARGETS = {
     "mask_marker": ("nucleus", "marker"),
     "mask_marker_weights": ("nucleus", "marker"),
     "instances": ("nucleus",),
-    "class_points": ("normal", "lymphocyte", "malignant", "background"),
+    "class_points": CLASS_CHANNELS,
 }
 
 
