@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -365,3 +368,49 @@ def test_run_with_the_openvino_backend_writes_the_torch_map(tmp_path, monuseg_im
     a, b = (maps[k].astype(np.int16) for k in ("torch", "openvino"))
     assert a.shape == b.shape and a.max() > 200
     assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.01
+
+
+_TWO_NETWORKS_THEN_SIGNALS = r"""
+import ctypes, gc, signal, subprocess, sys
+import torch
+from wsiseg.predict import OpenVINONet
+
+class Stack(ctypes.Structure):
+    _fields_ = [("sp", ctypes.c_void_p), ("flags", ctypes.c_int), ("size", ctypes.c_size_t)]
+
+def mapped(addr):
+    for line in open("/proc/self/maps"):
+        lo, hi = (int(v, 16) for v in line.split()[0].split("-"))
+        if lo <= addr < hi:
+            return True
+    return False
+
+nets = [OpenVINONet(torch.nn.Conv2d(3, 2, 3, padding=1).eval(), 1) for _ in range(2)]
+while nets:
+    nets.pop(0)  # released in the order they were made
+    gc.collect()
+st = Stack()
+ctypes.CDLL(None).sigaltstack(None, ctypes.byref(st))
+print("signal stack mapped:", bool(not st.sp or mapped(st.sp)), flush=True)
+signal.signal(signal.SIGCHLD, lambda *a: None)  # a Python handler, as torch's data loader sets
+for _ in range(5):
+    subprocess.run(["/bin/true"])
+print("survived", flush=True)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sigaltstack and /proc are Linux's")
+def test_openvino_networks_released_in_any_order_leave_signals_deliverable():
+    """Two OpenVINO networks released in the order they were made, then signals that Python
+    handles: with one Core per network, OpenVINO's CPU plugin (on CPUs with AMX) left the main
+    thread's signal stack pointing at unmapped memory, and the first SIGCHLD killed the process
+    with SIGSEGV and no traceback (the crash that ended CI's pytest runs). wsiseg keeps one Core
+    per process, so the stack stays mapped and the child lives."""
+    from wsiseg.predict import openvino_available
+
+    if not openvino_available():
+        pytest.skip("openvino is not installed")
+    p = subprocess.run([sys.executable, "-c", _TWO_NETWORKS_THEN_SIGNALS], capture_output=True, text=True,
+                       timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout}\n{p.stderr[-2000:]}"
+    assert "signal stack mapped: True" in p.stdout and "survived" in p.stdout

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import logging
 import os
@@ -76,6 +77,22 @@ def openvino_available() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
+@functools.lru_cache(maxsize=None)
+def openvino_core():
+    """The process's one ``openvino.Core``, made on first use and kept until exit.
+
+    OpenVINO's CPU plugin, when a Core first compiles on it, gives the calling thread a signal
+    stack of its own (``sigaltstack``, for AMX tile state) and, when that Core is released, puts
+    back the stack it found, but only if its own is still the current one; it unmaps its own
+    either way. Two Cores released in the order they were made therefore leave the thread's
+    signal stack pointing at unmapped memory, and the next signal that Python handles there
+    (Ctrl-C, SIGTERM, the SIGCHLD of a data loader's child) kills the process with SIGSEGV and
+    no traceback. One Core for every compiled network keeps that stack valid."""
+    import openvino as ov
+
+    return ov.Core()
+
+
 def calibration_tiles(mpp: float, n: int = 64, tile: int = 256, min_tissue: float = 0.5) -> np.ndarray:
     """(n, tile, tile, 3) uint8 tissue tiles of the bundled sample slide (CMU-1-Small-Region, H&E
     breast, CC0) read at ``mpp`` um/px, for calibrating INT8 quantisation: the tiles of a
@@ -141,7 +158,7 @@ class OpenVINONet(torch.nn.Module):
         ppp = ov.preprocess.PrePostProcessor(model)
         ppp.input().tensor().set_layout(ov.Layout("NHWC"))
         ppp.input().model().set_layout(ov.Layout("NCHW"))
-        self.compiled = ov.Core().compile_model(ppp.build(), "CPU", {
+        self.compiled = openvino_core().compile_model(ppp.build(), "CPU", {
             "INFERENCE_NUM_THREADS": int(threads), "PERFORMANCE_HINT": "LATENCY",
             "INFERENCE_PRECISION_HINT": "f32"})
         self._request = self.compiled.create_infer_request()

@@ -86,14 +86,11 @@ def bins_to_cellularity(logits, how: str = "expected") -> np.ndarray:
 
 
 def resolve_device(device: str | None) -> str:
-    """``"auto"`` / None -> ``"cuda"`` when available, else ``"cpu"``; other values as given."""
-    import torch
+    """``"auto"`` / None -> ``"cuda"`` when available, else ``"cpu"``: the engine's
+    :func:`wsiseg.predict.resolve_device` (same errors), as a string."""
+    from wsiseg.predict import resolve_device as engine_device
 
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} asked for but CUDA is not available")
-    return str(device)
+    return str(engine_device(device or "auto"))
 
 
 class _CNNRegressor:
