@@ -145,3 +145,32 @@ def test_truncated_pyramidal_tiff_is_reported(tmp_path, monuseg_image, tiny_unet
         line = next(ln for ln in res.err.splitlines() if str(p) in ln)
         assert "damaged" in line or "truncated" in line, line
         assert not (tmp_path / "out" / p.stem / "summary.json").exists()
+
+
+def test_run_flags_are_read_into_the_run_config_by_its_table():
+    """``wsiseg run``'s flags come from wsiseg.config's table, and every one lands in its field
+    (inverted flags, 'none' words and auto/on/off included); no flag means the field's default."""
+    from wsiseg.cli import build_parser
+    from wsiseg.config import MAP_FIELDS, RunConfig
+
+    parse = build_parser().parse_args
+    assert RunConfig.from_args(parse(["run", "x.svs"])) == RunConfig()
+    args = parse(["run", "x.svs", "--tile", "128", "--overlap", "0.25", "--window", "flat", "--mpp", "0.25",
+                  "--mpp-override", "0.5", "--no-tissue-mask", "--max-rescale", "4", "--max-image-pixels", "100",
+                  "--batch-size", "3", "--workers", "1", "--blend-thread", "on", "--blend-on-device",
+                  "--stain", "macenko", "--stain-target", "t.png", "--no-clahe", "--no-cellularity",
+                  "--cell-window", "256", "--cell-stride", "128", "--cell-min-tissue", "0.1", "--lgbm", "none",
+                  "--cnn", "my.safetensors", "--instances", "--overwrite"])
+    assert RunConfig.from_args(args) == RunConfig(
+        tile=128, overlap=0.25, window="flat", mpp=0.25, mpp_override=0.5, tissue=False, max_rescale=4.0,
+        max_image_pixels=100, batch_size=3, workers=1, blend_thread=True, blend_on_device=True, stain="macenko",
+        stain_target="t.png", clahe=False, cellularity=False, cell_window=256, cell_stride=128,
+        cell_min_tissue=0.1, lgbm=None, cnn="my.safetensors", instances=True, overwrite=True)
+    assert RunConfig.from_args(parse(["run", "x.svs", "--blend-thread", "off", "--clahe"])).blend_thread is False
+    # the resume check compares the whole tiling concern
+    cfg = RunConfig(tile=128)
+    assert tuple(cfg.part("tiling")) == MAP_FIELDS == (
+        "tile", "overlap", "window", "chunk", "mpp", "mpp_override", "thumbnail_size", "tissue")
+    assert cfg.part("tiling")["tile"] == 128 and "batch_size" in cfg.part("engine")
+    with pytest.raises(ValueError, match="unknown concern"):
+        cfg.part("speed")

@@ -418,7 +418,7 @@ def run_stage(stage: str, slide: str | Path, model: str | None = None, device: s
     import torch  # imports (torch, and the pipeline's below) count as setup, as for run_slide
 
     from wsiseg.models.registry import load_model
-    from wsiseg.pipeline import BLEND_THREAD, RunConfig
+    from wsiseg.config import BLEND_THREAD, RunConfig
     from wsiseg.predict import PredictorSpec, resolve_device
 
     if stage not in _STAGE_FUNCS:

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from wsiseg.inputs import EXIT_OK, expand_inputs, failed_code, out_names
-from wsiseg.slide import MAX_IMAGE_PIXELS, MAX_RESCALE, SAMPLE, SlideError
+from wsiseg.slide import SAMPLE, SlideError
 
 EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 130, 143
 
@@ -46,8 +46,9 @@ def _interrupt_code(e: BaseException) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from wsiseg.config import RunConfig
     from wsiseg.models.registry import ModelError, load_model
-    from wsiseg.pipeline import BLEND_THREAD, RunConfig, run_slide
+    from wsiseg.pipeline import run_slide
     from wsiseg.predict import PredictorSpec
     from wsiseg.stain import resolve_spec
 
@@ -66,15 +67,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         model = load_model(args.model)
         predictor = PredictorSpec.from_args(args).build(model)
-        cfg = RunConfig(tile=args.tile, overlap=args.overlap, batch_size=args.batch_size, workers=args.workers,
-                        mpp=args.mpp, mpp_override=args.mpp_override, max_rescale=args.max_rescale,
-                        max_image_pixels=args.max_image_pixels, overwrite=args.overwrite, window=args.window, tissue=not args.no_tissue_mask,
-                        cellularity=not args.no_cellularity, cell_window=args.cell_window,
-                        cell_stride=args.cell_stride, cell_min_tissue=args.cell_min_tissue,
-                        lgbm=None if args.lgbm == "none" else args.lgbm,
-                        cnn=None if args.cnn == "none" else args.cnn, instances=args.instances,
-                        blend_thread=BLEND_THREAD[args.blend_thread], blend_on_device=args.blend_on_device,
-                        stain=args.stain, stain_target=args.stain_target, clahe=args.clahe)
+        cfg = RunConfig.from_args(args)
         resolve_spec(cfg.stain, cfg.stain_target, cfg.clahe, model.meta)  # a bad method or target: before any slide
     except (ModelError, ValueError) as e:
         print(f"wsiseg: error: {e}", file=sys.stderr)
@@ -380,6 +373,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from wsiseg import __version__
+    from wsiseg.config import add_arguments as add_config_arguments
     from wsiseg.stain import add_arguments as stain_arguments
 
     p = argparse.ArgumentParser(prog="wsiseg", description="Nuclei probability maps from whole-slide images.")
@@ -392,21 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--sample", action="store_true", help="also run the bundled sample slide (CMU-1-Small-Region.svs)")
     r.add_argument("-o", "--output", default="wsiseg-out", help="output root; each input goes to OUT/<stem>/")
     r.add_argument("--model", default=None, help="shipped model name or path to NAME.safetensors (default: the shipped U-Net)")
-    r.add_argument("--mpp", type=float, default=None,
-                   help="um/px of inputs that do not say it (plain images); a file's own resolution is kept")
-    r.add_argument("--mpp-override", type=float, default=None, metavar="MPP",
-                   help="um/px of every input, replacing what the files say (recorded in summary.json)")
-    r.add_argument("--max-rescale", type=float, default=MAX_RESCALE, metavar="F",
-                   help=f"refuse inputs that would be resampled more than F times either way to the model's "
-                        f"resolution (default {MAX_RESCALE:g}: 1/{MAX_RESCALE:g} to {MAX_RESCALE:g})")
-    r.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS, metavar="N",
-                   help=f"refuse plain images (PNG, JPEG, BMP, a TIFF not read piece by piece) over N pixels, "
-                        f"which are decoded whole (default {MAX_IMAGE_PIXELS:,})")
-    r.add_argument("--tile", type=int, default=256)
-    r.add_argument("--overlap", type=float, default=0.5)
-    r.add_argument("--batch-size", type=int, default=8)
     r.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    r.add_argument("--workers", type=int, default=2, help="reader threads")
     r.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     r.add_argument("--tta", default="none", choices=["none", "flips", "d4"],
                    help="test-time augmentation: mean probability over 4 flips or the 8 rotations/flips of each tile (4x or 8x the model's time)")
@@ -416,24 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "by OpenVINO) or openvino-int8 (those quantised to 8-bit integers by NNCF, calibrated "
                         "on the bundled sample slide: faster, probabilities change slightly); "
                         "pip install 'wsiseg[openvino]'")
-    r.add_argument("--blend-thread", default="auto", choices=["auto", "on", "off"],
-                   help="blend each batch in a thread while the next is inferred (auto: on with CUDA, off on CPU)")
-    r.add_argument("--blend-on-device", action="store_true",
-                   help="blend on the GPU: accumulate and quantise there, copy back uint8 blocks only (not yet measured on a GPU)")
-    r.add_argument("--window", default="hann", choices=["hann", "gaussian", "flat"], help="blending window")
-    stain_arguments(r)
-    r.add_argument("--no-tissue-mask", action="store_true", help="infer every tile, background too")
-    r.add_argument("--overwrite", action="store_true",
-                   help="remove wsiseg's own files in OUT/<stem>/ and start again (a folder with other files is refused)")
+    add_config_arguments(r)  # tiling, limits, engine, stain, stages, output: wsiseg.config's table
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    r.add_argument("--instances", action="store_true",
-                   help="also write nucleus instances: probabilities.zarr/labels/nuclei and nuclei.geojson (QuPath)")
-    r.add_argument("--no-cellularity", action="store_true", help="skip the cellularity stage")
-    r.add_argument("--cell-window", type=int, default=512, help="cellularity window, model px (default 512)")
-    r.add_argument("--cell-stride", type=int, default=None, help="cellularity window stride (default: the window)")
-    r.add_argument("--cell-min-tissue", type=float, default=0.05, help="score windows with at least this tissue share")
-    r.add_argument("--lgbm", default="cellularity-lgbm-proxy", help="LightGBM regressor name/path, or none")
-    r.add_argument("--cnn", default="cellularity-cnn-proxy", help="CNN regressor name/path, or none")
     r.add_argument("--patches", action="store_true",
                    help="the inputs are small images (patches): batch their tiles together and write one "
                         "OUT/patches.zarr + OUT/patches.csv instead of a folder per image")

@@ -24,56 +24,17 @@ from PIL import Image
 import wsiseg
 from wsiseg import stain as stain_norm
 from wsiseg.blend import ChunkBlender, DeviceChunkBlender, trim_heap
+from wsiseg.config import MAP_FIELDS, RunConfig
 from wsiseg.predict import Predictor
 from wsiseg.run_folder import RunFolder
 from wsiseg.schedule import TileStream
 from wsiseg.sinks import BlockWriter, SerialRunner, ThreadedRunner, make_sink
-from wsiseg.slide import MAX_IMAGE_PIXELS, MAX_RESCALE, ScaledView, SlideError, check_resolution, open_slide
+from wsiseg.slide import ScaledView, SlideError, check_resolution, open_slide
 from wsiseg.store import ProbabilityStore, atomic_write_json
 from wsiseg.tiling import TileGrid, window_blocks
 from wsiseg.tissue import tissue_mask
 
 log = logging.getLogger("wsiseg")
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    tile: int = 256
-    overlap: float = 0.5
-    batch_size: int = 8
-    workers: int = 2
-    mpp: float | None = None  # resolution of inputs that carry none (--mpp)
-    mpp_override: float | None = None  # resolution of every input, whatever the file says (--mpp-override)
-    max_rescale: float = MAX_RESCALE  # refuse inputs that would be resampled more than this either way
-    max_image_pixels: int = MAX_IMAGE_PIXELS  # plain images decoded whole: refused above this size
-    window: str = "hann"
-    chunk: int = 512
-    block_tiles: int = 8
-    # blend and release blocks in a thread while the next batch is inferred: True, False, or None
-    # (auto: on with a GPU, off on a CPU, where the network already uses every core)
-    blend_thread: bool | None = None
-    # blend on the predictor's device (a GPU): accumulators there, only uint8 blocks come back
-    blend_on_device: bool = False
-    thumbnail_size: int = 2048
-    tissue: bool = True  # False: every tile is inferred
-    overwrite: bool = False
-    # cellularity stage (seed 003), on the finished map; see wsiseg.scoring
-    cellularity: bool = True
-    cell_window: int = 512
-    cell_stride: int | None = None
-    cell_min_tissue: float = 0.05
-    lgbm: str | None = "cellularity-lgbm-proxy"
-    cnn: str | None = "cellularity-cnn-proxy"
-    # nucleus instances (label image + GeoJSON) from the finished map; see wsiseg.instances
-    instances: bool = False
-    # stain normalisation fitted once per slide (wsiseg.stain): none | reinhard | macenko |
-    # vahadane, and CLAHE of L; None: as the model's sidecar says it was trained (else none)
-    stain: str | None = None
-    stain_target: str | None = None  # an image to normalise to (default: the model's reference)
-    clahe: bool | None = None
-
-
-BLEND_THREAD = {"auto": None, "on": True, "off": False}  # --blend-thread -> RunConfig.blend_thread
 
 
 @dataclass
@@ -98,11 +59,6 @@ def postprocess_config(meta: dict):
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-# The RunConfig fields that decide the map's bytes: a resumed run must have the same values (the
-# others, e.g. batch size, reader threads or blending threads, change how fast, not what).
-MAP_FIELDS = ("tile", "overlap", "window", "chunk", "mpp", "mpp_override", "thumbnail_size", "tissue")
 
 
 def model_fingerprint(model) -> str:

@@ -50,9 +50,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from wsiseg.config import STAIN_METHODS
+from wsiseg.config import add_arguments as add_config_arguments
+
 log = logging.getLogger("wsiseg")
 
-METHODS = ("none", "reinhard", "macenko", "vahadane")
+METHODS = STAIN_METHODS
 IO = 240.0  # transmitted light (Macenko; torchstain's default)
 BETA = 0.15  # a pixel is tissue when its optical density exceeds this in every channel
 FIT_TILES = 32  # tissue tiles sampled per slide for the fit
@@ -660,13 +663,6 @@ def training_stain(method: str, target: str | None, clahe: bool, images: dict[st
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """``--stain``, ``--stain-target``, ``--clahe`` / ``--no-clahe`` (run, eval, bench, cellularity)."""
-    p.add_argument("--stain", default=None, choices=list(METHODS),
-                   help="stain normalisation, fitted once per slide (default: as the model was trained, "
-                        "else none)")
-    p.add_argument("--stain-target", default=None, metavar="IMAGE",
-                   help="normalise to this image's stains (default: the model's training reference)")
-    p.add_argument("--clahe", default=None, action=argparse.BooleanOptionalAction,
-                   help="contrast-limited histogram equalisation of L, one table per slide "
-                        "(default: as the model was trained)")
-    return p
+    """``--stain``, ``--stain-target``, ``--clahe`` / ``--no-clahe`` (run, eval, bench, cellularity):
+    the ``stain`` concern of :class:`wsiseg.config.RunConfig`'s table."""
+    return add_config_arguments(p, "stain")
