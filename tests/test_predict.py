@@ -414,3 +414,23 @@ def test_openvino_networks_released_in_any_order_leave_signals_deliverable():
                        timeout=300, cwd=Path(__file__).resolve().parents[1])
     assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout}\n{p.stderr[-2000:]}"
     assert "signal stack mapped: True" in p.stdout and "survived" in p.stdout
+
+
+def test_pad_to_multiple_and_whole_image(monuseg_image):
+    """Every "pad, forward, crop" prediction pads the same way: bottom and right, by reflection
+    (edge for 1 px wide), to a multiple (a square one for Predictor.whole_image)."""
+    from tests.conftest import conv_net, test_model
+    from wsiseg.predict import pad_to_multiple
+
+    img = monuseg_image[:100, :120]
+    a = pad_to_multiple(img, 32)
+    assert a.shape == (128, 128, 3) and (a[:100, :120] == img).all()
+    assert (a[100:102, :120] == img[98:96:-1]).all()  # reflected about the last row
+    assert pad_to_multiple(img[:100, :96], 32).shape == (128, 96, 3)
+    assert pad_to_multiple(img[:100, :96], 32, square=True).shape == (128, 128, 3)
+    line = pad_to_multiple(img[:1, :40], 16)
+    assert line.shape == (16, 48, 3) and (line == line[:1]).all()  # 1 px high: the edge repeated
+    pred = Predictor(test_model(conv_net(), mpp=0.5), device="cpu", backend="torch")
+    whole = pred.whole_image(img)
+    assert whole.shape == (1, 100, 120)
+    np.testing.assert_array_equal(whole, pred(pad_to_multiple(img, 1, square=True)[None])[0][:, :100, :120])

@@ -88,11 +88,7 @@ def class_maps(predictor, image: np.ndarray, stain=None) -> np.ndarray:
     if missing:
         raise ValueError(f"model {predictor.model.id} has no {', '.join(missing)} channels: use a class model "
                          "(e.g. unet-bn-nuclei-classes-20x)")
-    h, w = image.shape[:2]
-    m = predictor.model.input_multiple
-    size = max(-(-h // m) * m, -(-w // m) * m)
-    pad = np.pad(image, ((0, size - h), (0, size - w), (0, 0)), mode="reflect" if min(h, w) > 1 else "edge")
-    probs = predictor.with_stain(for_image(stain, image))(pad[None])[0][:, :h, :w]
+    probs = predictor.with_stain(for_image(stain, image)).whole_image(image)
     return probs[[chans.index(c) for c in CLASS_INPUTS]]
 
 

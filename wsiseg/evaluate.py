@@ -23,7 +23,7 @@ from PIL import Image
 from wsiseg.metrics import instance_metrics, mean_metrics
 from wsiseg.pipeline import RunConfig, run_slide
 from wsiseg.postprocess import PostprocessConfig, instances_from_probability, search_threshold
-from wsiseg.predict import Predictor
+from wsiseg.predict import Predictor, pad_to_multiple
 from wsiseg.stain import from_record
 from wsiseg.train.datasets import MONUSEG_MPP, MONUSEG_VAL, resample
 
@@ -156,16 +156,6 @@ def tnbc_validation_names(root: str | Path, val_patients=("05", "11")) -> list[s
                   if f.stem.split("_")[1] in set(val_patients))
 
 
-def _whole_image_probs(predictor: Predictor, image: np.ndarray) -> np.ndarray:
-    """(C, H, W) float32 probabilities of one image at the model's resolution, in one forward
-    pass (reflect-padded to a square multiple of the model's input multiple)."""
-    h, w = image.shape[:2]
-    m = predictor.model.input_multiple
-    size = max(-(-h // m) * m, -(-w // m) * m)
-    pad = np.pad(image, ((0, size - h), (0, size - w), (0, 0)), mode="reflect" if min(h, w) > 1 else "edge")
-    return predictor(pad[None])[0][:, :h, :w]
-
-
 def evaluate_class_split(predictor: Predictor, consep: str | Path | None, monusac: str | Path | None,
                          consep_every: int = 5, monusac_every: int = 4) -> dict:
     """Per-class pixel Dice of seed 003's channels on the class validation split (CoNSeP every
@@ -189,7 +179,7 @@ def evaluate_class_split(predictor: Predictor, consep: str | Path | None, monusa
     thr, arg = np.zeros((k, 2)), np.zeros((k, 2))
     nuc = np.zeros(2)
     for s in samples:
-        probs = _whole_image_probs(predictor, s.image)
+        probs = predictor.whole_image(s.image)
         cp = probs[idx]
         top = cp.argmax(0)
         for c in range(k):
@@ -216,9 +206,7 @@ def own_instances(predictor: Predictor, image: np.ndarray, scale: float) -> np.n
 
     img = np.ascontiguousarray(resample(image, scale))
     h, w = img.shape[:2]
-    m = predictor.model.input_multiple
-    img = np.pad(img, ((0, (-h) % m), (0, (-w) % m), (0, 0)), mode="reflect")
-    x = predictor.inputs(img[None])  # the engine's normalisation
+    x = predictor.inputs(pad_to_multiple(img, predictor.model.input_multiple)[None])  # the engine's normalisation
     net = predictor.model.network
     dev = next(net.parameters()).device
     return net.instances(x.to(dev))[0][:h, :w]

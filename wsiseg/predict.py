@@ -93,6 +93,18 @@ def openvino_core():
     return ov.Core()
 
 
+def pad_to_multiple(image: np.ndarray, multiple: int, square: bool = False) -> np.ndarray:
+    """An (H, W, ...) image padded at the bottom and right to a multiple of ``multiple`` px (to a
+    square of that multiple with ``square``), by reflection (by the edge for an image 1 px wide):
+    the one whole-image input of every "pad, forward, crop" prediction."""
+    h, w = image.shape[:2]
+    ph, pw = -(-h // multiple) * multiple, -(-w // multiple) * multiple
+    if square:
+        ph = pw = max(ph, pw)
+    pad = ((0, ph - h), (0, pw - w)) + ((0, 0),) * (image.ndim - 2)
+    return np.pad(image, pad, mode="reflect" if min(h, w) > 1 else "edge")
+
+
 def calibration_tiles(mpp: float, n: int = 64, tile: int = 256, min_tissue: float = 0.5) -> np.ndarray:
     """(n, tile, tile, 3) uint8 tissue tiles of the bundled sample slide (CMU-1-Small-Region, H&E
     breast, CC0) read at ``mpp`` um/px, for calibrating INT8 quantisation: the tiles of a
@@ -432,6 +444,12 @@ class Predictor:
         with _one_thread(z.numel()):
             p = self._activate(z, None).numpy()
         return p if p.shape == shape else np.broadcast_to(p, shape)
+
+    def whole_image(self, image: np.ndarray) -> np.ndarray:
+        """(C, H, W) float32 probabilities of one (H, W, 3) uint8 image at the model's resolution,
+        in one forward pass (padded to a square multiple of the model's input multiple)."""
+        h, w = image.shape[:2]
+        return self(pad_to_multiple(image, self.model.input_multiple, square=True)[None])[0][:, :h, :w]
 
     @torch.inference_mode()
     def __call__(self, tiles: np.ndarray, weight: np.ndarray | None = None,

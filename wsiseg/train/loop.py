@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from wsiseg.models.registry import build_model, save_model
-from wsiseg.predict import resolve_device
+from wsiseg.predict import pad_to_multiple, resolve_device
 from wsiseg.classes import CLASS_CHANNELS
 from wsiseg.stain import normalise_image, training_stain
 from wsiseg.train.augment import augment, random_crop
@@ -121,9 +121,7 @@ def _net_device(net) -> torch.device:
 def predict_maps(net, image: np.ndarray, mean, std, multiple: int = 16) -> np.ndarray:
     """Whole-image sigmoid probabilities (C, H, W) float32 (reflect-padded to ``multiple``)."""
     h, w = image.shape[:2]
-    ph, pw = (-h) % multiple, (-w) % multiple
-    img = np.pad(image, ((0, ph), (0, pw), (0, 0)), mode="reflect")
-    x = _to_tensor(img[None], mean, std, _net_device(net))
+    x = _to_tensor(pad_to_multiple(image, multiple)[None], mean, std, _net_device(net))
     return torch.sigmoid(net(x).float())[0, :, :h, :w].cpu().numpy()
 
 

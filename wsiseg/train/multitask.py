@@ -40,6 +40,7 @@ from wsiseg.train.augment import augment
 from wsiseg.metrics import aji, overlap_table
 from wsiseg.models.pretrained import LICENCE, LITE_NORMALIZATION, LITE_ORIGIN, ensure_converted
 from wsiseg.postprocess import PostprocessConfig, instances_from_probability
+from wsiseg.predict import pad_to_multiple
 from wsiseg.stain import normalise_image, training_stain
 from wsiseg.train.datasets import (
     CLASS_CHANNELS, ClassSample, data_hash, load_consep, load_monusac, split_groups, split_monuseg, split_tnbc,
@@ -159,9 +160,7 @@ def predict_channels(net, image: np.ndarray, mean, std, multiple: int | None = N
     """(C, H, W) sigmoid probabilities of a whole image (reflect-padded to the multiple)."""
     multiple = multiple or int(getattr(net, "input_multiple", 16))
     h, w = image.shape[:2]
-    ph, pw = (-h) % multiple, (-w) % multiple
-    img = np.pad(image, ((0, ph), (0, pw), (0, 0)), mode="reflect" if min(h, w) > 1 else "edge")
-    x = _to_tensor(img[None], mean, std).contiguous(memory_format=torch.channels_last)
+    x = _to_tensor(pad_to_multiple(image, multiple)[None], mean, std).contiguous(memory_format=torch.channels_last)
     return torch.sigmoid(net(x))[0, :, :h, :w].numpy()
 
 
