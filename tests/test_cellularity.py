@@ -334,7 +334,13 @@ def test_proxy_label_and_class_maps():
     assert np.allclose(m.sum(axis=0), 1, atol=1e-6)
     m0 = class_maps(c)
     assert m0[2].sum() == 4 and m0[1].sum() == 16 and m0[0].sum() == 2 and m0[3].sum() == 64 - 22
-    assert consep_image_id("train_12_003") == "train_12"
+    assert consep_image_id("train_12_003") == "train_12" == consep_image_id("x/train_12_003.png")
+    from wsiseg.classes import source_image  # the one split key of CoNSeP and MoNuSAC tiles
+
+    assert source_image("TCGA-2Z-A9JG-01Z-00-DX1_3") == "TCGA-2Z-A9JG-01Z-00-DX1"
+    for bad in ("train", "train_", "_3", "train_12_a"):
+        with pytest.raises(ValueError, match="not a tile name"):
+            source_image(bad)
     with pytest.raises(ValueError, match="no channel"):
         class_maps(np.full((2, 2), 7, np.uint8))
 

@@ -8,3 +8,22 @@ from __future__ import annotations
 
 NUCLEUS_TYPES: tuple[str, ...] = ("normal", "lymphocyte", "malignant")
 CLASS_CHANNELS: tuple[str, ...] = (*NUCLEUS_TYPES, "background")
+
+# --- the class-labelled sources, mapped onto CLASS_CHANNELS (indices), defined once ---------------
+# CoNSeP classes/<name>.png: 0 background, 1 other, 2 inflammatory, 3 epithelial, 4 spindle.
+CONSEP_TO_CHANNEL: dict[int, int] = {0: 3, 1: 0, 2: 1, 3: 2, 4: 0}
+CONSEP_TUMOUR_CLASSES: tuple[int, ...] = (3,)  # epithelial: the malignant nuclei of the proxy label
+# MoNuSAC masks/<name>.png: 0 none, 1 epithelial, 2 lymphocyte, 3 macrophage, 4 neutrophil
+# (macrophages and neutrophils are inflammatory cells: the Lymphocyte channel, as CoNSeP's
+# inflammatory class is).
+MONUSAC_TO_CHANNEL: dict[int, int] = {0: 3, 1: 2, 2: 1, 3: 1, 4: 1}
+CONSEP_MPP = MONUSAC_MPP = 0.25  # um/px of both sources' images (40x)
+
+
+def source_image(tile_name: str) -> str:
+    """The source image (CoNSeP) or slide (MoNuSAC) of a tile named ``<image>_<n>``:
+    ``train_12_003`` -> ``train_12``. Splits are by this, never by tile."""
+    image, sep, n = tile_name.rpartition("_")
+    if not sep or not image or not n.isdigit():
+        raise ValueError(f"{tile_name}: not a tile name of the form <image>_<number>")
+    return image

@@ -16,7 +16,6 @@ in the order :data:`CHANNELS` = Normal, Lymphocyte, Malignant, Background.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -24,14 +23,10 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
-from wsiseg.classes import CLASS_CHANNELS
+from wsiseg.classes import CLASS_CHANNELS, CONSEP_MPP, CONSEP_TUMOUR_CLASSES, source_image
+from wsiseg.classes import CONSEP_TO_CHANNEL as CONSEP_CLASS_TO_CHANNEL
 
 CHANNELS: tuple[str, ...] = CLASS_CHANNELS
-CONSEP_MPP = 0.25
-# CoNSeP class id -> index in CHANNELS
-CONSEP_CLASS_TO_CHANNEL: dict[int, int] = {0: 3, 1: 0, 2: 1, 3: 2, 4: 0}
-CONSEP_TUMOUR_CLASSES: tuple[int, ...] = (3,)
-_TILE_RE = re.compile(r"^(?P<image>.+)_(?P<tile>\d+)$")
 
 
 def proxy_cellularity(classes: np.ndarray, tumour_classes: Iterable[int] = CONSEP_TUMOUR_CLASSES,
@@ -92,10 +87,7 @@ class ProxyTile:
 
 def consep_image_id(name: str) -> str:
     """``train_12_003`` -> ``train_12`` (CoNSeP tiles are ``<image>_<tile>``)."""
-    m = _TILE_RE.match(Path(name).stem)
-    if not m:
-        raise ValueError(f"{name}: not a CoNSeP tile name of the form <image>_<tile>")
-    return m.group("image")
+    return source_image(Path(name).stem)
 
 
 def load_consep(root: str | Path, names: Sequence[str] | None = None, target_mpp: float = 0.5,

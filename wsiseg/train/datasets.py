@@ -14,7 +14,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from wsiseg.classes import CLASS_CHANNELS
+from wsiseg.classes import (CLASS_CHANNELS, CONSEP_MPP, CONSEP_TO_CHANNEL, MONUSAC_MPP,
+                            MONUSAC_TO_CHANNEL, source_image)
 
 MONUSEG_MPP = 0.25
 
@@ -117,14 +118,7 @@ def data_hash(samples: list[Sample]) -> str:
 
 
 # --- class-labelled nuclei: CoNSeP and MoNuSAC, mapped to seed 003's channels -----------------
-# Channel order of the class head (seed 003): Normal, Lymphocyte, Malignant, Background.
-# CoNSeP classes/<name>.png: 0 background, 1 other, 2 inflammatory, 3 epithelial, 4 spindle.
-CONSEP_TO_CHANNEL = {0: 3, 1: 0, 2: 1, 3: 2, 4: 0}
-# MoNuSAC masks/<name>.png: 0 none, 1 epithelial, 2 lymphocyte, 3 macrophage, 4 neutrophil
-# (macrophages and neutrophils are inflammatory cells: the Lymphocyte channel, as CoNSeP's
-# inflammatory class is).
-MONUSAC_TO_CHANNEL = {0: 3, 1: 2, 2: 1, 3: 1, 4: 1}
-CONSEP_MPP = MONUSAC_MPP = 0.25
+# Channel order of the class head (seed 003): CLASS_CHANNELS; the sources' mappings: wsiseg.classes.
 
 
 @dataclass
@@ -177,7 +171,7 @@ def load_consep(root: str | Path, target_mpp: float = 0.5, instances: bool = Fal
     if not files:
         raise FileNotFoundError(f"{root}: no images/*.jpg (expected the CoNSeP tile layout)")
     return _load_class_set(files, lambda f: root / "classes" / f"{f.stem}.png", CONSEP_TO_CHANNEL,
-                           lambda n: n.rsplit("_", 1)[0], CONSEP_MPP, target_mpp,
+                           source_image, CONSEP_MPP, target_mpp,
                            (lambda f: root / "instances" / f"{f.stem}.png") if instances else None)
 
 
@@ -188,7 +182,7 @@ def load_monusac(root: str | Path, target_mpp: float = 0.5) -> list[ClassSample]
     if not files:
         raise FileNotFoundError(f"{root}: no images/*.jpg (expected the MoNuSAC layout)")
     return _load_class_set(files, lambda f: root / "masks" / f"{f.stem}.png", MONUSAC_TO_CHANNEL,
-                           lambda n: n.rsplit("_", 1)[0], MONUSAC_MPP, target_mpp)
+                           source_image, MONUSAC_MPP, target_mpp)
 
 
 TNBC_MPP = 0.25

@@ -493,7 +493,8 @@ def load_point_samples(root: str | Path, mpp: float = 0.5, diameter: float = 15.
     at the model's resolution."""
     from PIL import Image
 
-    from wsiseg.train.datasets import CONSEP_MPP, CONSEP_TO_CHANNEL, resample
+    from wsiseg.classes import CONSEP_MPP, CONSEP_TO_CHANNEL
+    from wsiseg.train.datasets import resample
     from wsiseg.train.targets import centroids, point_labels
 
     root = Path(root)
