@@ -117,3 +117,31 @@ def test_train_on_cuda_with_bf16_autocast(tmp_path):
     meta = load_model(path).meta
     assert meta["training"]["budget"]["machine"].startswith(torch.cuda.get_device_name(0))
     assert meta["training"]["budget"]["precision"] == "bfloat16 autocast"
+
+
+def test_checkpoint_round_trip_and_an_interrupted_save_keeps_the_last_good_one(tmp_path, monkeypatch):
+    import torch
+
+    from wsiseg.train import checkpoint as ck
+
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    c = ck.Checkpoint(tmp_path)
+    assert c.resume(net, opt) is None
+    c.save(net, opt, ck.TrainState(4, 0.5, 12.0, [{"step": 4}]))
+    good = {k: v.clone() for k, v in net.state_dict().items()}
+    with torch.no_grad():
+        net.weight.add_(1.0)
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ck.torch, "save", boom)
+    with pytest.raises(KeyboardInterrupt):
+        c.save(net, opt, ck.TrainState(6, 0.6, 20.0, [{"step": 4}, {"step": 6}]))
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["history.json", "last.pt"]  # no temporary file left
+    fresh = torch.nn.Linear(3, 2)
+    st = c.resume(fresh, torch.optim.AdamW(fresh.parameters(), lr=1e-3))
+    assert (st.step, st.best, st.elapsed, st.history) == (4, 0.5, 12.0, [{"step": 4}])
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in good.items())

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from wsiseg.predict import pad_to_multiple, resolve_device
 from wsiseg.classes import CLASS_CHANNELS
 from wsiseg.stain import normalise_image, training_stain
 from wsiseg.train.augment import augment, random_crop
+from wsiseg.train.checkpoint import Checkpoint, TrainState
 from wsiseg.train.datasets import Sample, data_hash, split_monuseg
 from wsiseg.train.losses import LOSSES
 
@@ -212,15 +212,12 @@ def train(cfg: TrainConfig, log=print) -> Path:
     targets = None if cfg.target == "mask" else [_target_of(s, cfg) for s in train_s]
     multiple = int(getattr(net, "input_multiple", 2 ** int(cfg.arch_kwargs.get("depth", 4))))
     step, best, history, elapsed = 0, -1.0, [], 0.0
-    ckpt = out / "last.pt"
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=True, map_location=device)
-        net.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        step, best, elapsed = int(state["step"]), float(state["best"]), float(state["elapsed"])
-        history = json.loads((out / "history.json").read_text()) if (out / "history.json").exists() else []
+    checkpoint = Checkpoint(out)
+    resumed = checkpoint.resume(net, opt, map_location=device)
+    if resumed is not None:
+        step, best, elapsed, history = resumed.step, resumed.best, resumed.elapsed, resumed.history
         rng = np.random.default_rng([cfg.seed, step])
-        log(f"resumed from {ckpt} at step {step} (best val Dice {best:.4f})")
+        log(f"resumed from {checkpoint.path} at step {step} (best val Dice {best:.4f})")
 
     meta = {
         "id": cfg.id,
@@ -308,10 +305,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
                 if amp is not None:
                     meta["training"]["budget"]["precision"] = "bfloat16 autocast"
                 save_model(net, meta, out / cfg.id)
-            torch.save({"model": net.state_dict(), "opt": opt.state_dict(), "step": step,
-                        "best": best, "elapsed": time.perf_counter() - t0}, out / "last.tmp")
-            (out / "last.tmp").replace(ckpt)
-            (out / "history.json").write_text(json.dumps(history, indent=1))
+            checkpoint.save(net, opt, TrainState(step, best, time.perf_counter() - t0, history))
     log(f"done: best val {'AJI' if cfg.select == 'aji' else 'Dice'} {best:.4f}; weights {out / cfg.id}.safetensors")
     return out / f"{cfg.id}.safetensors"
 

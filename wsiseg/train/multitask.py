@@ -26,7 +26,6 @@ the shipped default model.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ import torch
 
 from wsiseg.models.registry import build_model, save_model
 from wsiseg.train.augment import augment
+from wsiseg.train.checkpoint import Checkpoint, TrainState
 from wsiseg.metrics import aji, overlap_table
 from wsiseg.models.pretrained import LICENCE, LITE_NORMALIZATION, LITE_ORIGIN, ensure_converted
 from wsiseg.postprocess import PostprocessConfig, instances_from_probability
@@ -307,15 +307,12 @@ def train_multitask(cfg: MultitaskConfig, log=print) -> Path:
     cls_p /= cls_p.sum()
 
     step, best, history, elapsed = 0, -1.0, [], 0.0
-    ckpt = out / "last.pt"
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=True)
-        net.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        step, best, elapsed = int(state["step"]), float(state["best"]), float(state["elapsed"])
-        history = json.loads((out / "history.json").read_text()) if (out / "history.json").exists() else []
+    checkpoint = Checkpoint(out)
+    resumed = checkpoint.resume(net, opt)
+    if resumed is not None:
+        step, best, elapsed, history = resumed.step, resumed.best, resumed.elapsed, resumed.history
         rng = np.random.default_rng([cfg.seed, step])
-        log(f"resumed from {ckpt} at step {step} (best score {best:.4f})")
+        log(f"resumed from {checkpoint.path} at step {step} (best score {best:.4f})")
 
     export_kwargs = net.export_kwargs() if hasattr(net, "export_kwargs") else dict(arch_kwargs)
     data = ("MoNuSeg 2018 training set (nucleus channel; CC BY-NC-SA 4.0); CoNSeP (Graham et al. "
@@ -447,10 +444,7 @@ def train_multitask(cfg: MultitaskConfig, log=print) -> Path:
                     "machine": f"CPU, {torch.get_num_threads()} threads",
                 }
                 save_model(net, meta, out / cfg.id)
-            torch.save({"model": net.state_dict(), "opt": opt.state_dict(), "step": step,
-                        "best": best, "elapsed": time.perf_counter() - t0}, out / "last.tmp")
-            (out / "last.tmp").replace(ckpt)
-            (out / "history.json").write_text(json.dumps(history, indent=1))
+            checkpoint.save(net, opt, TrainState(step, best, time.perf_counter() - t0, history))
     log(f"done: best validation score {best:.4f}; weights {out / cfg.id}.safetensors")
     return out / f"{cfg.id}.safetensors"
 
