@@ -332,12 +332,14 @@ def _write_table(out_dir: Path, rows: list[dict], cols: list[str]) -> None:
     pq.write_table(table, out_dir / "cellularity.parquet")
 
 
+HEATMAP_PX = 1024  # the heatmap's longer side at most (the thumbnail is reduced to it)
+
+
 def _heatmap(out_dir: Path, wins: list[Window], preds: dict, shape, attrs) -> str | None:
-    """cellularity over the thumbnail with a colour bar -> heatmap.png (None without a thumbnail)."""
-    from matplotlib import colormaps
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.colors import Normalize
-    from matplotlib.figure import Figure
+    """Cellularity over the thumbnail (magma, 55% opaque, unscored areas left as they are), a
+    colour bar and a title -> heatmap.png (None without a thumbnail). Drawn with OpenCV: the
+    matplotlib figure this replaced took a fifth of the stage's time on the sample slide."""
+    import cv2
     from PIL import Image
 
     thumb_path = out_dir / "thumbnail.png"
@@ -345,6 +347,10 @@ def _heatmap(out_dir: Path, wins: list[Window], preds: dict, shape, attrs) -> st
         return None
     thumb = np.asarray(Image.open(thumb_path).convert("RGB"))
     th, tw = thumb.shape[:2]
+    f = min(1.0, HEATMAP_PX / max(th, tw))
+    if f < 1:
+        th, tw = max(1, round(th * f)), max(1, round(tw * f))
+        thumb = cv2.resize(thumb, (tw, th), interpolation=cv2.INTER_AREA)
     H, W = shape
     kind = "lgbm" if "lgbm" in preds else next(iter(preds))
     val = np.full((th, tw), np.nan, np.float32)
@@ -355,16 +361,28 @@ def _heatmap(out_dir: Path, wins: list[Window], preds: dict, shape, attrs) -> st
         x0, x1 = int(wd.x * tw / W), int(np.ceil((wd.x + wd.w) * tw / W))
         region = val[y0:y1, x0:x1]
         region[np.isnan(region)] = p
-    fig = Figure(figsize=(8, 8 * th / max(tw, 1) + 0.6), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    ax.imshow(thumb)
-    im = ax.imshow(np.ma.masked_invalid(val), cmap=colormaps["magma"], norm=Normalize(0, 1), alpha=0.55,
-                   interpolation="nearest")
-    ax.set_axis_off()
-    ax.set_title(f"tumour cellularity ({kind}, {wins[0].h if wins else 0} px windows at "
-                 f"{float(attrs['mpp']):.2f} um/px)", fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.035, pad=0.02, label="cellularity")
-    fig.tight_layout()
-    fig.savefig(out_dir / "heatmap.png", format="png")
+
+    def magma(v: np.ndarray) -> np.ndarray:  # [0, 1] -> RGB uint8
+        u8 = np.round(np.clip(np.nan_to_num(v), 0, 1) * 255).astype(np.uint8)
+        return cv2.applyColorMap(u8, cv2.COLORMAP_MAGMA)[..., ::-1]
+
+    scored = ~np.isnan(val)
+    img = thumb.copy()
+    img[scored] = np.round(0.45 * thumb[scored] + 0.55 * magma(val)[scored]).astype(np.uint8)
+    top, bar_w, right = 28, 16, 64
+    canvas = np.full((th + top + 8, tw + right, 3), 255, np.uint8)
+    canvas[top:top + th, :tw] = img
+    grad = np.linspace(1, 0, th, dtype=np.float32)[:, None].repeat(bar_w, 1)
+    x_bar = tw + 10
+    canvas[top:top + th, x_bar:x_bar + bar_w] = magma(grad)
+    font, black = cv2.FONT_HERSHEY_SIMPLEX, (0, 0, 0)
+    for v in (0.0, 0.5, 1.0):
+        y = top + int(round((1 - v) * (th - 1)))
+        cv2.line(canvas, (x_bar + bar_w, y), (x_bar + bar_w + 4, y), black, 1)
+        cv2.putText(canvas, f"{v:g}", (x_bar + bar_w + 6, min(max(y + 4, top + 8), top + th)), font, 0.35, black, 1,
+                    cv2.LINE_AA)
+    title = (f"tumour cellularity ({kind}, {wins[0].h if wins else 0} px windows at "
+             f"{float(attrs['mpp']):.2f} um/px)")
+    cv2.putText(canvas, title, (4, 18), font, 0.45, black, 1, cv2.LINE_AA)
+    Image.fromarray(canvas).save(out_dir / "heatmap.png")
     return "heatmap.png"
