@@ -145,3 +145,22 @@ def test_checkpoint_round_trip_and_an_interrupted_save_keeps_the_last_good_one(t
     st = c.resume(fresh, torch.optim.AdamW(fresh.parameters(), lr=1e-3))
     assert (st.step, st.best, st.elapsed, st.history) == (4, 0.5, 12.0, [{"step": 4}])
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in good.items())
+
+
+def test_splits_hold_out_whole_sources_in_natural_order():
+    from wsiseg.splits import every_nth, natural_key, split_by
+    from wsiseg.train.datasets import ClassSample, split_groups
+
+    groups = ["img10", "img2", "img1", "img2", "img3"]
+    assert sorted(set(groups), key=natural_key) == ["img1", "img2", "img3", "img10"]
+    assert every_nth(groups, 2) == {"img1", "img3"}
+    assert every_nth(groups, 1) == set(groups)
+    with pytest.raises(ValueError):
+        every_nth(groups, 0)
+    items = list(enumerate(groups))
+    tr, va = split_by(items, lambda it: it[1], {"img2"})
+    assert tr == [(0, "img10"), (2, "img1"), (4, "img3")] and va == [(1, "img2"), (3, "img2")]
+    z = __import__("numpy").zeros((2, 2), "uint8")
+    samples = [ClassSample(f"{g}_{i}", g, z, z) for i, g in enumerate(groups)]
+    tr, va = split_groups(samples, 2)
+    assert {s.group for s in va} == {"img1", "img3"} and {s.group for s in tr} == {"img2", "img10"}

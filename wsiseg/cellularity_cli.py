@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from wsiseg.scoring import CLASS_INPUTS, patch_features
+from wsiseg.splits import every_nth, natural_key, split_by
 from wsiseg.stain import StainError, for_image, resolve_spec
 from wsiseg.stain import add_arguments as stain_arguments
 
@@ -44,10 +44,6 @@ class Patch:
     image: np.ndarray  # RGB at the model's mpp
     y: float
     label: str  # "proxy" or "cellularity"
-
-
-def _natural(s: str):
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
 def load_patches(spec: str, mpp: float, src_mpp: float | None = None, images: str | None = None) -> list[Patch]:
@@ -116,13 +112,12 @@ def split(patches: list[Patch], every) -> tuple[list[Patch], list[Patch]]:
     The default class model's own validation images are CoNSeP every 5th source image and MoNuSAC
     every 4th slide: ``consep=5,monusac=4`` keeps the regressor's validation unseen by both."""
     every = parse_every(every)
-    groups = sorted({p.group for p in patches}, key=_natural)
-    by_source: dict[str, list[str]] = {}
-    for g in groups:
-        by_source.setdefault(g.split("/")[0], []).append(g)
-    val = {g for src, gs in by_source.items()
-           for g in gs[::(every if isinstance(every, int) else every.get(src, 5))]}
-    return [p for p in patches if p.group not in val], [p for p in patches if p.group in val]
+    by_source: dict[str, set[str]] = {}
+    for p in patches:
+        by_source.setdefault(p.group.split("/")[0], set()).add(p.group)
+    val = set().union(*(every_nth(gs, every if isinstance(every, int) else every.get(src, 5))
+                        for src, gs in by_source.items()))
+    return split_by(patches, lambda p: p.group, val)
 
 
 def _features(predictor, patches: list[Patch], log, stain=None) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -189,7 +184,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "label": label,
         "data": args.data,
         "validation_split": f"by source image/slide: every N-th group in natural order ({args.val_every})",
-        "validation_groups": sorted({p.group for p in val}, key=_natural),
+        "validation_groups": sorted({p.group for p in val}, key=natural_key),
         "validation_metrics": res,
         "segmentation_stain": None if stain is None else stain.params(),
         "budget": {"seconds": round(time.perf_counter() - t0, 1), "train_patches": len(train),

@@ -34,7 +34,7 @@ t0 = time.perf_counter()
 import wsiseg.pipeline as pl
 import wsiseg.scoring as sc
 if mode == "before":
-    pl._preload_regressors = lambda regs, channels: None
+    pl._preload_regressors = lambda *a: None
     sc._CNN.prepare = lambda self, n: None  # the network as loaded: torch, whatever the slide's size
 from wsiseg.models import load_model
 from wsiseg.predict import Predictor
@@ -50,8 +50,11 @@ print("RESULT " + json.dumps({"process_seconds": time.perf_counter() - t0, "summ
 
 def child(mode: str, slide: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        out = subprocess.run([sys.executable, "-c", CHILD, mode, slide, str(Path(tmp) / "o")], capture_output=True,
-                             text=True, check=True).stdout
+        r = subprocess.run([sys.executable, "-c", CHILD, mode, slide, str(Path(tmp) / "o")], capture_output=True,
+                           text=True)
+        if r.returncode:
+            raise SystemExit(f"the {mode!r} child failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
+        out = r.stdout
     return json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[7:])
 
 

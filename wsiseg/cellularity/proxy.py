@@ -25,6 +25,7 @@ from scipy import ndimage as ndi
 
 from wsiseg.classes import CLASS_CHANNELS, CONSEP_MPP, CONSEP_TUMOUR_CLASSES, source_image
 from wsiseg.classes import CONSEP_TO_CHANNEL as CONSEP_CLASS_TO_CHANNEL
+from wsiseg.splits import split_by
 
 CHANNELS: tuple[str, ...] = CLASS_CHANNELS
 
@@ -129,5 +130,4 @@ def load_consep(root: str | Path, names: Sequence[str] | None = None, target_mpp
 
 def split_by_image(tiles: Sequence[ProxyTile], val_images: Iterable[str]) -> tuple[list[ProxyTile], list[ProxyTile]]:
     """``(train, val)``: tiles whose ``image_id`` is in ``val_images`` go to val, the rest to train."""
-    val = set(val_images)
-    return [t for t in tiles if t.image_id not in val], [t for t in tiles if t.image_id in val]
+    return split_by(tiles, lambda t: t.image_id, val_images)

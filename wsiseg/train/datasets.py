@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from wsiseg.splits import every_nth, split_by
 from wsiseg.classes import (CLASS_CHANNELS, CONSEP_MPP, CONSEP_TO_CHANNEL, MONUSAC_MPP,
                             MONUSAC_TO_CHANNEL, source_image)
 
@@ -192,18 +193,9 @@ def split_tnbc(root: str | Path, target_mpp: float, val_patients=("05", "11")) -
     """TNBC (Naylor et al. 2018; ``images/``, ``masks/``, ``instances/`` of ``tnbc_<patient>_<n>.png``)
     at ``target_mpp``, split by patient: (train, val) with ``val_patients`` held out."""
     samples = load_monuseg(root, target_mpp, source_mpp=TNBC_MPP)
-    val = {f"tnbc_{p}_" for p in val_patients}
-    is_val = [any(s.name.startswith(v) for v in val) for s in samples]
-    return [s for s, v in zip(samples, is_val) if not v], [s for s, v in zip(samples, is_val) if v]
+    return split_by(samples, lambda s: s.name.split("_")[1], val_patients)
 
 
 def split_groups(samples: list[ClassSample], every: int) -> tuple[list[ClassSample], list[ClassSample]]:
     """(train, val) by source image: every ``every``-th group in natural sort order is validation."""
-    import re
-
-    def key(g: str):
-        return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", g)]
-
-    groups = sorted({s.group for s in samples}, key=key)
-    val = set(groups[::every])
-    return [s for s in samples if s.group not in val], [s for s in samples if s.group in val]
+    return split_by(samples, lambda s: s.group, every_nth((s.group for s in samples), every))
