@@ -164,10 +164,12 @@ class _CNN:
         self.size = int(self.model.input_size)
         self.backend = "torch"
 
-    # OpenVINO runs this CNN 1.46x faster than torch on this CPU (scores within 5e-8) but costs
-    # about 1.5 s to compile: it pays from about 115 windows of 512 px (measured:
-    # benchmarks/results/cellularity_stage_cpu.json), so :meth:`prepare` switches from 200.
-    OPENVINO_FROM_WINDOWS = 200
+    # OpenVINO runs this CNN 1.46-1.88x faster than torch on the CPUs measured (scores within
+    # 2e-7) but costs 1.3-1.5 s to compile: it paid from about 115 windows of 512 px on the first
+    # machine (benchmarks/results/cellularity_stage_cpu.json) and from about 66 on the second
+    # (an 8k x 8k slide, 225 windows: torch 9.91 s, OpenVINO 5.27 s + 1.37 s to compile;
+    # benchmarks/results/cellularity_stage_8k_cpu_2026-12-02.json), so :meth:`prepare` switches from 100.
+    OPENVINO_FROM_WINDOWS = 100
 
     def prepare(self, n_windows: int) -> None:
         """Before scoring ``n_windows`` windows: on the CPU, for enough of them, OpenVINO float32 when

@@ -5,7 +5,7 @@ fresh process (imports and model loading count, as for a user):
 - ``before``: the stage as it was (regressors loaded after the tiles, the map CNN in
   contiguous NCHW torch), by switching off the two changes inside the child;
 - ``on``: as shipped (on a GPU the regressors load in a thread while the tiles are inferred; on the
-  CPU the map CNN moves to OpenVINO, when exact, for slides of 200 windows or more).
+  CPU the map CNN moves to OpenVINO, when exact, for slides of 100 windows or more).
 
 ``benchmarks/results/cellularity_stage_cpu.json`` was measured with an earlier version of ``on``
 (the thread on the CPU too, OpenVINO for every slide); its ``finding`` says what that showed and
