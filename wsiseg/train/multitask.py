@@ -236,18 +236,24 @@ def _class_stack(s: ClassSample, marker_kwargs: dict | None) -> np.ndarray:
     return np.stack([s.classes, mk, np.full_like(s.classes, int(has))], -1)
 
 
-def train_multitask(cfg: MultitaskConfig, log=print) -> Path:
-    """Train; resumes from ``cfg.out/last.pt``. Returns the best weights' path."""
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    channels = output_channels(cfg.marker)
-    k = 2 if cfg.marker else 1  # the first class channel
-    mkw = dict(cfg.marker_kwargs) if cfg.marker else None
+@dataclasses.dataclass
+class _TrainingData:
+    """What :func:`train_multitask` trains and validates on, split, stain-normalised and with targets."""
 
+    nuc_train: list  # MoNuSeg train (nucleus channel)
+    nuc_val: list  # MoNuSeg val
+    tnbc_val: list  # TNBC val patients (empty without TNBC)
+    cls_train: list  # CoNSeP + MoNuSAC train (class channels)
+    cls_val: list
+    nuc_all: list  # MoNuSeg + TNBC train
+    nuc_tg: list  # their target stacks
+    cls_tg: list  # the class images' target stacks
+    stain_meta: dict  # the sidecar's stain record
+
+
+def _training_data(cfg: MultitaskConfig, mkw: dict | None, log) -> _TrainingData:
+    """Load and split every source (by image, slide or patient), fit the training stain
+    normalisation (if any) and build the target stacks."""
     nuc_train, nuc_val = split_monuseg(cfg.monuseg, cfg.mpp)
     n_monuseg = len(nuc_train)
     tnbc_train, tnbc_val = split_tnbc(cfg.tnbc, cfg.mpp, cfg.tnbc_val_patients) if cfg.tnbc else ([], [])
@@ -279,6 +285,70 @@ def train_multitask(cfg: MultitaskConfig, log=print) -> Path:
     nuc_all = nuc_train + tnbc_train
     nuc_tg = [_nucleus_stack(s, mkw, i < n_monuseg) for i, s in enumerate(nuc_all)]
     cls_tg = [_class_stack(s, mkw) for s in cls_train]
+    return _TrainingData(nuc_train, nuc_val, tnbc_val, cls_train, cls_val, nuc_all, nuc_tg, cls_tg, stain_meta)
+
+
+def _sidecar(cfg: MultitaskConfig, net, arch_kwargs: dict, channels, mean, std, d: _TrainingData) -> dict:
+    """The weights' JSON sidecar, less its metrics and budget (added at each best validation)."""
+    export_kwargs = net.export_kwargs() if hasattr(net, "export_kwargs") else dict(arch_kwargs)
+    data = ("MoNuSeg 2018 training set (nucleus channel; CC BY-NC-SA 4.0); CoNSeP (Graham et al. "
+            "2019) and a MoNuSAC 2020 subset (CC BY-NC-SA 4.0) for the class channels")
+    if cfg.tnbc:
+        data = data.replace("(nucleus channel;", "and TNBC (Naylor et al. 2018) train (nucleus channel;")
+    if cfg.marker:
+        data += "; shape markers (seed 002) from the MoNuSeg and CoNSeP instance maps"
+    split = ("by image: MoNuSeg the first image of each organ; CoNSeP every "
+             f"{cfg.consep_val_every}th source image; MoNuSAC every {cfg.monusac_val_every}th slide")
+    if cfg.tnbc:
+        split += f"; TNBC by patient: patients {', '.join(cfg.tnbc_val_patients)} held out"
+    meta = {
+        "id": cfg.id,
+        "architecture": cfg.architecture,
+        "arch_kwargs": export_kwargs,
+        "classes": list(channels),
+        "activation": "sigmoid",
+        "mpp": cfg.mpp,
+        "input_multiple": int(getattr(net, "input_multiple", 2 ** int(cfg.arch_kwargs.get("depth", 4)))),
+        "normalization": {"mean": list(map(float, mean)), "std": list(map(float, std)), "input_range": "RGB / 255"},
+        "training": {
+            "data": data,
+            "class_mapping": {
+                "consep": "other, spindle -> normal; inflammatory -> lymphocyte; epithelial -> malignant",
+                "monusac": "epithelial -> malignant; lymphocyte, macrophage, neutrophil -> lymphocyte",
+            },
+            "data_hash": data_hash(d.nuc_all) + "-" + _class_hash(d.cls_train),
+            "validation_split": split,
+            "validation_images": sorted({s.name for s in d.nuc_val + d.tnbc_val} | {s.group for s in d.cls_val}),
+            "init_from": cfg.init_from,
+            "config": {k_: (list(v) if isinstance(v, tuple) else v) for k_, v in dataclasses.asdict(cfg).items()},
+        },
+        **d.stain_meta,
+    }
+    if cfg.marker:
+        meta["postprocess"] = dataclasses.asdict(PostprocessConfig())
+    if cfg.pretrained_encoder:
+        meta["training"]["encoder_origin"] = {
+            "timm_model": cfg.pretrained_encoder, "weights": "ImageNet-1k",
+            "package": LITE_ORIGIN[cfg.pretrained_encoder][2], "licence": LICENCE,
+            "converted_by": "wsiseg.models.pretrained.convert_lite (torch.load weights_only=True, once)"}
+    return meta
+
+
+def train_multitask(cfg: MultitaskConfig, log=print) -> Path:
+    """Train; resumes from ``cfg.out/last.pt``. Returns the best weights' path."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    channels = output_channels(cfg.marker)
+    k = 2 if cfg.marker else 1  # the first class channel
+    mkw = dict(cfg.marker_kwargs) if cfg.marker else None
+
+    d = _training_data(cfg, mkw, log)
+    nuc_train, nuc_val, tnbc_val, cls_train, cls_val = d.nuc_train, d.nuc_val, d.tnbc_val, d.cls_train, d.cls_val
+    nuc_all, nuc_tg, cls_tg = d.nuc_all, d.nuc_tg, d.cls_tg
 
     arch_kwargs = {**cfg.arch_kwargs, "out_channels": len(channels)}
     if cfg.pretrained_encoder:
@@ -314,47 +384,7 @@ def train_multitask(cfg: MultitaskConfig, log=print) -> Path:
         rng = np.random.default_rng([cfg.seed, step])
         log(f"resumed from {checkpoint.path} at step {step} (best score {best:.4f})")
 
-    export_kwargs = net.export_kwargs() if hasattr(net, "export_kwargs") else dict(arch_kwargs)
-    data = ("MoNuSeg 2018 training set (nucleus channel; CC BY-NC-SA 4.0); CoNSeP (Graham et al. "
-            "2019) and a MoNuSAC 2020 subset (CC BY-NC-SA 4.0) for the class channels")
-    if cfg.tnbc:
-        data = data.replace("(nucleus channel;", "and TNBC (Naylor et al. 2018) train (nucleus channel;")
-    if cfg.marker:
-        data += "; shape markers (seed 002) from the MoNuSeg and CoNSeP instance maps"
-    split = ("by image: MoNuSeg the first image of each organ; CoNSeP every "
-             f"{cfg.consep_val_every}th source image; MoNuSAC every {cfg.monusac_val_every}th slide")
-    if cfg.tnbc:
-        split += f"; TNBC by patient: patients {', '.join(cfg.tnbc_val_patients)} held out"
-    meta = {
-        "id": cfg.id,
-        "architecture": cfg.architecture,
-        "arch_kwargs": export_kwargs,
-        "classes": list(channels),
-        "activation": "sigmoid",
-        "mpp": cfg.mpp,
-        "input_multiple": int(getattr(net, "input_multiple", 2 ** int(cfg.arch_kwargs.get("depth", 4)))),
-        "normalization": {"mean": list(map(float, mean)), "std": list(map(float, std)), "input_range": "RGB / 255"},
-        "training": {
-            "data": data,
-            "class_mapping": {
-                "consep": "other, spindle -> normal; inflammatory -> lymphocyte; epithelial -> malignant",
-                "monusac": "epithelial -> malignant; lymphocyte, macrophage, neutrophil -> lymphocyte",
-            },
-            "data_hash": data_hash(nuc_all) + "-" + _class_hash(cls_train),
-            "validation_split": split,
-            "validation_images": sorted({s.name for s in nuc_val + tnbc_val} | {s.group for s in cls_val}),
-            "init_from": cfg.init_from,
-            "config": {k_: (list(v) if isinstance(v, tuple) else v) for k_, v in dataclasses.asdict(cfg).items()},
-        },
-        **stain_meta,
-    }
-    if cfg.marker:
-        meta["postprocess"] = dataclasses.asdict(PostprocessConfig())
-    if cfg.pretrained_encoder:
-        meta["training"]["encoder_origin"] = {
-            "timm_model": cfg.pretrained_encoder, "weights": "ImageNet-1k",
-            "package": LITE_ORIGIN[cfg.pretrained_encoder][2], "licence": LICENCE,
-            "converted_by": "wsiseg.models.pretrained.convert_lite (torch.load weights_only=True, once)"}
+    meta = _sidecar(cfg, net, arch_kwargs, channels, mean, std, d)
     if cfg.prior_bias and step == 0:
         shift = calibrate_class_bias(net, cls_train, mean32, std32, cfg.class_crop, rng, first=k)
         log("class biases shifted to the training priors: " + ", ".join(
