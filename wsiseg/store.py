@@ -37,17 +37,23 @@ COLORS = ["FF0000", "00FF00", "0000FF", "FFFF00", "FF00FF", "00FFFF"]
 COMPRESSOR = {"id": "blosc", "cname": "zstd", "clevel": 1, "shuffle": 0, "blocksize": 0}
 
 
-def atomic_write_json(path: Path, obj) -> None:
+def atomic_write(path: Path, write, mode: str = "wb") -> None:
+    """``write(f)`` into ``path`` whole or not at all: a temporary file beside it, synced, then
+    renamed over it."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
+        with open(tmp, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:  # (an interrupt, a full disk): no half-written temporary file stays
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write(path, lambda f: json.dump(obj, f, indent=2), mode="w")
 
 
 def n_levels(shape: tuple[int, int], chunk: int) -> int:

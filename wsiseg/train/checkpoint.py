@@ -9,11 +9,12 @@ checkpoint. A rerun with the same ``out`` continues from it.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from wsiseg.store import atomic_write
 
 
 @dataclass
@@ -43,20 +44,8 @@ class Checkpoint:
         return TrainState(int(state["step"]), float(state["best"]), float(state["elapsed"]), history)
 
     def save(self, net: torch.nn.Module, opt: torch.optim.Optimizer, state: TrainState) -> None:
-        _replace(self.path, lambda f: torch.save({"model": net.state_dict(), "opt": opt.state_dict(),
-                                                   "step": state.step, "best": state.best,
-                                                   "elapsed": state.elapsed}, f))
-        _replace(self.out / "history.json", lambda f: f.write(json.dumps(state.history, indent=1).encode()))
+        record = {"model": net.state_dict(), "opt": opt.state_dict(), "step": state.step, "best": state.best,
+                  "elapsed": state.elapsed}
+        atomic_write(self.path, lambda f: torch.save(record, f))
+        atomic_write(self.out / "history.json", lambda f: f.write(json.dumps(state.history, indent=1).encode()))
 
-
-def _replace(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # an interrupt or a full disk: the previous file stays, no temporary one
-        tmp.unlink(missing_ok=True)
-        raise
