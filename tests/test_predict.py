@@ -286,6 +286,39 @@ def test_auto_backend_falls_back_to_torch_when_the_network_does_not_convert(monk
         Predictor(model, "cpu", threads=1, backend="openvino")
 
 
+def test_openvino_conversion_with_two_inputs_is_retried_then_refused(monkeypatch, monuseg_image):
+    """A conversion that comes back with two inputs (seen once in a Dask worker, in CI) is
+    converted again; if that too has two, --backend auto runs torch and says why, and
+    --backend openvino refuses with a ValueError naming the inputs (not OpenVINO's RuntimeError)."""
+    ov = pytest.importorskip("openvino")
+    from tests.conftest import test_model
+
+    class TwoInputs(torch.nn.Module):
+        def forward(self, x, y):
+            return x + y
+
+    two = ov.convert_model(TwoInputs(), example_input=(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8)))
+    real = ov.convert_model
+    calls = []
+
+    def flaky(net, **kw):  # the first conversion has two inputs, later ones are OpenVINO's own
+        calls.append(type(net).__name__)
+        return two if len(calls) == 1 else real(net, **kw)
+
+    model = test_model(torch.nn.Conv2d(3, 1, 3, padding=1))
+    monkeypatch.setattr(ov, "convert_model", flaky)
+    p = Predictor(model, "cpu", threads=1, backend="auto")
+    assert len(calls) == 2 and p.backend == "openvino"
+    tiles = monuseg_image[None, :64, :64]
+    np.testing.assert_allclose(p(tiles), Predictor(model, "cpu", threads=1)(tiles), atol=2e-5, rtol=0)
+
+    monkeypatch.setattr(ov, "convert_model", lambda net, **kw: two)
+    p = Predictor(model, "cpu", threads=1, backend="auto")
+    assert p.backend == "torch" and "2 inputs" in p.backend_reason
+    with pytest.raises(ValueError, match="2 inputs"):
+        Predictor(model, "cpu", threads=1, backend="openvino")
+
+
 def test_auto_backend_keeps_torch_for_a_network_openvino_gets_wrong(monuseg_image):
     """A network whose forward leaves torch (here through NumPy) traces into constants: OpenVINO
     converts it without an error but gives other outputs, so auto keeps torch, and says why."""

@@ -17,6 +17,8 @@ import torch
 
 from wsiseg.models.registry import LoadedModel
 
+log = logging.getLogger(__name__)
+
 
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
@@ -157,22 +159,26 @@ class OpenVINONet(torch.nn.Module):
             import openvino as ov
         except ImportError as e:
             raise ValueError("--backend openvino needs the openvino package: pip install 'wsiseg[openvino]'") from e
-        try:
-            with warnings.catch_warnings():  # OpenVINO traces with torch.jit.trace, which torch deprecates
-                warnings.simplefilter("ignore", FutureWarning)
-                model = ov.convert_model(net.eval(), example_input=torch.zeros(1, in_channels, 64, 64),
-                                         input=[ov.PartialShape([-1, in_channels, -1, -1])])
-        except Exception as e:  # OpenVINO's conversion errors have no common base class
-            raise ValueError(f"OpenVINO cannot convert {type(net).__name__} ({str(e).strip().splitlines()[-1]}); "
-                             "use --backend torch") from e
+        model = _convert_openvino(ov, net, in_channels)
+        if len(model.inputs) != 1:  # seen once, in a Dask worker; a second conversion is cheap (< 1 s)
+            log.warning("OpenVINO converted %s to %d inputs (%s); converting again", type(net).__name__,
+                        len(model.inputs), _input_names(model))
+            model = _convert_openvino(ov, net, in_channels)
+        if len(model.inputs) != 1:
+            raise ValueError(f"OpenVINO converted {type(net).__name__} to a model with {len(model.inputs)} inputs "
+                             f"({_input_names(model)}), not one image input; use --backend torch")
         if calibration is not None:
             model = _quantise_int8(model, calibration)
-        ppp = ov.preprocess.PrePostProcessor(model)
-        ppp.input().tensor().set_layout(ov.Layout("NHWC"))
-        ppp.input().model().set_layout(ov.Layout("NCHW"))
-        self.compiled = openvino_core().compile_model(ppp.build(), "CPU", {
-            "INFERENCE_NUM_THREADS": int(threads), "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_PRECISION_HINT": "f32"})
+        try:
+            ppp = ov.preprocess.PrePostProcessor(model)
+            ppp.input().tensor().set_layout(ov.Layout("NHWC"))
+            ppp.input().model().set_layout(ov.Layout("NCHW"))
+            self.compiled = openvino_core().compile_model(ppp.build(), "CPU", {
+                "INFERENCE_NUM_THREADS": int(threads), "PERFORMANCE_HINT": "LATENCY",
+                "INFERENCE_PRECISION_HINT": "f32"})
+        except RuntimeError as e:  # OpenVINO's C++ checks surface as RuntimeError
+            raise ValueError(f"OpenVINO cannot compile {type(net).__name__} ({str(e).strip().splitlines()[-1]}); "
+                             "use --backend torch") from e
         self._request = self.compiled.create_infer_request()
         self._output = self.compiled.output(0)
 
@@ -190,6 +196,23 @@ class OpenVINONet(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = x.detach().permute(0, 2, 3, 1).contiguous().float().numpy()  # NHWC (no copy if channels_last)
         return torch.from_numpy(self._request.infer({0: a})[self._output])
+
+
+def _convert_openvino(ov, net: torch.nn.Module, in_channels: int):
+    """``openvino.convert_model`` of ``net`` (traced in memory) with dynamic batch and tile size;
+    its errors, which have no common base class, as ValueError."""
+    try:
+        with warnings.catch_warnings():  # OpenVINO traces with torch.jit.trace, which torch deprecates
+            warnings.simplefilter("ignore", FutureWarning)
+            return ov.convert_model(net.eval(), example_input=torch.zeros(1, in_channels, 64, 64),
+                                    input=[ov.PartialShape([-1, in_channels, -1, -1])])
+    except Exception as e:
+        raise ValueError(f"OpenVINO cannot convert {type(net).__name__} ({str(e).strip().splitlines()[-1]}); "
+                         "use --backend torch") from e
+
+
+def _input_names(model) -> str:
+    return "; ".join(", ".join(sorted(i.get_names())) or "unnamed" for i in model.inputs)
 
 
 def _same_outputs(net: torch.nn.Module, ov_net: torch.nn.Module, multiple: int, atol: float = 1e-4,
