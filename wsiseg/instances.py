@@ -452,13 +452,7 @@ def write_instances(out_dir: str | Path, cfg: PostprocessConfig | None = None, c
     if window < 16 or margin < 0 or max_margin < margin:
         raise ValueError(f"need window >= 16 and 0 <= margin <= max_margin (got {window}, {margin}, {max_margin})")
     grp, attrs, level0, c = _open_run(out_dir, channel)
-    classes = list(attrs.get("classes") or [ch["label"] for ch in grp.attrs["omero"]["channels"]])
-    if marker_channel == "auto":
-        marker_channel = "marker" if "marker" in classes else None
-    if marker_channel is not None and marker_channel not in classes:
-        raise InstancesError(f"{out_dir}: no marker channel {marker_channel!r} (channels: {', '.join(classes)})")
-    mc = None if marker_channel is None else classes.index(marker_channel)
-    tc = [classes.index(t) for t in TYPE_CHANNELS] if all(t in classes for t in TYPE_CHANNELS) else None
+    marker_channel, mc, tc = _marker_and_type_channels(out_dir, grp, attrs, marker_channel)
     store = out_dir / "probabilities.zarr"
     mpp = float(attrs["mpp"])
     scale = float(attrs.get("scale_from_level0", 1.0))
@@ -488,99 +482,35 @@ def write_instances(out_dir: str | Path, cfg: PostprocessConfig | None = None, c
         "source": source,
     }
     lg = _create_labels(grp, store, shapes, chunk, lattrs)
-    out = lg["0"]
-
-    n_inst = n_ids = n_windows = n_busy = n_retried = n_clipped = 0
-    ids: dict[int, int] = {}  # instance key (map flat index of its first pixel) -> id
     tmp = geo_path.with_name(geo_path.name + ".tmp")
     table_tmp = table_path.with_name(table_path.name + ".tmp")
-    types: dict[str, int] = {}
-    with open(tmp, "w") as f, open(table_tmp, "w", newline="") as tf:
-        table = csv.DictWriter(tf, fieldnames=TABLE_COLUMNS)
-        table.writeheader()
-        f.write('{"type":"FeatureCollection","features":[')
-        sep = "\n"
+    n_windows = n_busy = n_retried = 0
+    with _FeatureWriter(tmp, table_tmp, lg["0"], W, scale, mpp, source) as writer:
         for y0 in range(0, H, window):
-            # keys of instances starting this far above the cores can no longer be met
-            ids = {k: v for k, v in ids.items() if k // W >= y0 - max_margin - 1}
+            writer.forget_above(y0 - max_margin - 1)  # instances starting there can no longer be met
             for x0 in range(0, W, window):
-                y1, x1 = min(H, y0 + window), min(W, x0 + window)
-                win, retries = _process_window(level0, c, (y0, y1, x0, x1), (H, W), margin, max_margin, guard,
-                                               mpp, cfg, mc, tc)
+                core = (y0, min(H, y0 + window), x0, min(W, x0 + window))
+                win, retries = _process_window(level0, c, core, (H, W), margin, max_margin, guard, mpp, cfg, mc, tc)
                 n_windows += 1
                 n_retried += retries > 0
                 if progress:
                     progress(1)
-                if win is None:
-                    continue
-                n_busy += 1
-                lab, (oy, ox), (cy0, cy1, cx0, cx1) = win.lab, win.origin, win.core
-                ew = lab.shape[1]
-                core_lab = lab[cy0:cy1, cx0:cx1]
-                cflat = core_lab.ravel()
-                cnz = np.flatnonzero(cflat)
-                in_core, idx = np.unique(cflat[cnz], return_index=True)
-                cfirst = cnz[idx]  # first pixel of each label's part inside the core
-                lut = np.zeros(len(win.first) + 1, np.uint32)
-                slices = core_slices = None
-                for k, cf in zip(in_core.tolist(), cfirst.tolist()):
-                    if win.exact[k - 1]:
-                        fy, fx = divmod(int(win.first[k - 1]), ew)
-                        key = (oy + fy) * W + ox + fx
-                        owner = cy0 <= fy < cy1 and cx0 <= fx < cx1
-                    else:  # clipped: the part inside this core is an instance of its own
-                        fy, fx = divmod(cf, x1 - x0)
-                        key = (y0 + fy) * W + x0 + fx
-                        owner = True
-                    gid = ids.get(key)
-                    if gid is None:
-                        n_ids += 1
-                        gid = ids[key] = n_ids
-                    lut[k] = gid
-                    if not owner:
-                        continue
-                    if win.exact[k - 1]:
-                        if slices is None:
-                            slices = ndi.find_objects(lab)
-                        sl = slices[k - 1]
-                        mask, gy, gx = lab[sl] == k, oy + sl[0].start, ox + sl[1].start
-                        wsl = sl
-                    else:
-                        if core_slices is None:
-                            core_slices = ndi.find_objects(core_lab)
-                        sl = core_slices[k - 1]
-                        mask, gy, gx = core_lab[sl] == k, y0 + sl[0].start, x0 + sl[1].start
-                        wsl = (slice(sl[0].start + cy0, sl[0].stop + cy0), slice(sl[1].start + cx0, sl[1].stop + cx0))
-                        n_clipped += 1
-                    means = None
-                    if win.cls is not None:
-                        means = win.cls[:, wsl[0], wsl[1]][:, mask].mean(axis=1) / 255.0
-                    n_inst += 1
-                    text, row = _feature(mask, gx, gy, scale, mpp, gid, source, clipped=not win.exact[k - 1],
-                                         class_means=means)
-                    f.write(sep + text)
-                    table.writerow(row)
-                    types[row["type"]] = types.get(row["type"], 0) + 1
-                    sep = ",\n"
-                out[0, y0:y1, x0:x1] = lut[core_lab]
-        f.write("\n]}\n")
-        for fh in (f, tf):
-            fh.flush()
-            os.fsync(fh.fileno())
+                if win is not None:
+                    n_busy += 1
+                    writer.add(win, core)
     _label_pyramid(lg, n_levels, chunk)
-    seconds = time.perf_counter() - t0
     result = {
-        "instances": n_inst,
+        "instances": writer.n_inst,
         "windows": n_windows,
         "windows_with_nuclei": n_busy,
         "retried_windows": n_retried,
-        "clipped": n_clipped,
-        "label_ids": n_ids,
-        "seconds": round(seconds, 3),
+        "clipped": writer.n_clipped,
+        "label_ids": writer.n_ids,
+        "seconds": round(time.perf_counter() - t0, 3),
         "guard": guard,
         "mpp": mpp,
         "scale_from_level0": scale,
-        "types": dict(sorted(types.items())),
+        "types": dict(sorted(writer.types.items())),
         "labels": str(store / "labels" / LABEL_NAME),
         "geojson": str(geo_path),
         "table": str(table_path),
@@ -594,8 +524,116 @@ def write_instances(out_dir: str | Path, cfg: PostprocessConfig | None = None, c
     labels_grp = zarr.open_group(str(store / "labels"), mode="a", zarr_format=2)
     names = [n for n in labels_grp.attrs.get("labels", []) if n != LABEL_NAME]
     labels_grp.attrs["labels"] = names + [LABEL_NAME]
-    if n_clipped:
+    if writer.n_clipped:
         log.warning("%s: %d nucleus instance(s) are parts of clusters reaching more than %d px beyond a %d px "
-                    "window: cut at the window borders (flagged 'clipped' in %s)", out_dir.name, n_clipped,
+                    "window: cut at the window borders (flagged 'clipped' in %s)", out_dir.name, writer.n_clipped,
                     max_margin, window, GEOJSON_NAME)
     return result
+
+
+def _marker_and_type_channels(out_dir: Path, grp: zarr.Group, attrs: dict, marker_channel: str | None):
+    """The marker channel's name and index (None, None without one) and the type channels'
+    indices (None unless the map has all of TYPE_CHANNELS)."""
+    classes = list(attrs.get("classes") or [ch["label"] for ch in grp.attrs["omero"]["channels"]])
+    if marker_channel == "auto":
+        marker_channel = "marker" if "marker" in classes else None
+    if marker_channel is not None and marker_channel not in classes:
+        raise InstancesError(f"{out_dir}: no marker channel {marker_channel!r} (channels: {', '.join(classes)})")
+    mc = None if marker_channel is None else classes.index(marker_channel)
+    tc = [classes.index(t) for t in TYPE_CHANNELS] if all(t in classes for t in TYPE_CHANNELS) else None
+    return marker_channel, mc, tc
+
+
+class _FeatureWriter:
+    """The label image's level 0, the GeoJSON and the nuclei table, filled window by window.
+
+    Each instance gets one id, wherever it is met: the key of an exact instance is the map flat
+    index of its first pixel (so the windows that see it agree), and it is written (feature, table
+    row) by the window whose core holds that pixel. A clipped part is an instance of its own core."""
+
+    def __init__(self, geo_tmp: Path, table_tmp: Path, labels0, width: int, scale: float, mpp: float, source: str):
+        self._paths, self._labels0, self._W = (geo_tmp, table_tmp), labels0, width
+        self._scale, self._mpp, self._source = scale, mpp, source
+        self.n_inst = self.n_ids = self.n_clipped = 0
+        self.types: dict[str, int] = {}
+        self._ids: dict[int, int] = {}  # instance key -> id
+        self._sep = "\n"
+
+    def __enter__(self):
+        self._f = open(self._paths[0], "w")
+        self._tf = open(self._paths[1], "w", newline="")
+        self._table = csv.DictWriter(self._tf, fieldnames=TABLE_COLUMNS)
+        self._table.writeheader()
+        self._f.write('{"type":"FeatureCollection","features":[')
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        try:
+            if exc_type is None:
+                self._f.write("\n]}\n")
+                for fh in (self._f, self._tf):
+                    fh.flush()
+                    os.fsync(fh.fileno())
+        finally:
+            self._f.close()
+            self._tf.close()
+
+    def forget_above(self, row: int) -> None:
+        """Drop the keys of instances whose first pixel lies above map row ``row``."""
+        self._ids = {k: v for k, v in self._ids.items() if k // self._W >= row}
+
+    def _id(self, key: int) -> int:
+        gid = self._ids.get(key)
+        if gid is None:
+            self.n_ids += 1
+            gid = self._ids[key] = self.n_ids
+        return gid
+
+    def add(self, win: _Window, core: tuple[int, int, int, int]) -> None:
+        """The instances of ``win`` whose part lies in ``core`` (y0, y1, x0, x1 in the map)."""
+        y0, y1, x0, x1 = core
+        W = self._W
+        lab, (oy, ox), (cy0, cy1, cx0, cx1) = win.lab, win.origin, win.core
+        ew = lab.shape[1]
+        core_lab = lab[cy0:cy1, cx0:cx1]
+        cflat = core_lab.ravel()
+        cnz = np.flatnonzero(cflat)
+        in_core, idx = np.unique(cflat[cnz], return_index=True)
+        cfirst = cnz[idx]  # first pixel of each label's part inside the core
+        lut = np.zeros(len(win.first) + 1, np.uint32)
+        slices = core_slices = None
+        for k, cf in zip(in_core.tolist(), cfirst.tolist()):
+            exact = bool(win.exact[k - 1])
+            if exact:
+                fy, fx = divmod(int(win.first[k - 1]), ew)
+                key = (oy + fy) * W + ox + fx
+                owner = cy0 <= fy < cy1 and cx0 <= fx < cx1
+            else:  # clipped: the part inside this core is an instance of its own
+                fy, fx = divmod(cf, x1 - x0)
+                key = (y0 + fy) * W + x0 + fx
+                owner = True
+            gid = lut[k] = self._id(key)
+            if not owner:
+                continue
+            if exact:
+                if slices is None:
+                    slices = ndi.find_objects(lab)
+                sl = slices[k - 1]
+                mask, gy, gx = lab[sl] == k, oy + sl[0].start, ox + sl[1].start
+                wsl = sl
+            else:
+                if core_slices is None:
+                    core_slices = ndi.find_objects(core_lab)
+                sl = core_slices[k - 1]
+                mask, gy, gx = core_lab[sl] == k, y0 + sl[0].start, x0 + sl[1].start
+                wsl = (slice(sl[0].start + cy0, sl[0].stop + cy0), slice(sl[1].start + cx0, sl[1].stop + cx0))
+                self.n_clipped += 1
+            means = None if win.cls is None else win.cls[:, wsl[0], wsl[1]][:, mask].mean(axis=1) / 255.0
+            self.n_inst += 1
+            text, row = _feature(mask, gx, gy, self._scale, self._mpp, int(gid), self._source, clipped=not exact,
+                                 class_means=means)
+            self._f.write(self._sep + text)
+            self._table.writerow(row)
+            self.types[row["type"]] = self.types.get(row["type"], 0) + 1
+            self._sep = ",\n"
+        self._labels0[0, y0:y1, x0:x1] = lut[core_lab]
