@@ -259,6 +259,72 @@ def _preload_regressors(regs: dict[str, str], channels, on_device: bool) -> thre
     return th
 
 
+def _store_attrs(path: Path, reader, view, predictor: Predictor, cfg: RunConfig, grid, params: dict) -> dict:
+    """The probability store's ``wsiseg`` attributes: what was read, how, and by which model."""
+    return {
+        "version": wsiseg.__version__,
+        "mpp": view.mpp,
+        "slide_mpp": reader.mpp,
+        "scale_from_level0": view.scale,  # slide level-0 px per stored level-0 px
+        "pyramid_level_read": view.level,
+        "model": predictor.model.id,
+        "model_mpp": predictor.model.mpp,
+        "classes": predictor.channels,
+        "tile": cfg.tile,
+        "overlap": cfg.overlap,
+        "stride": grid.stride,
+        "window": cfg.window,
+        "source": str(path.name),
+        "slide_dimensions": list(reader.level_dimensions[0]),
+        "params": params,
+    }
+
+
+def _derived_stages(out_dir: Path, predictor: Predictor, cfg: RunConfig, regs: dict, preload, times: dict) -> dict:
+    """The stages that read the finished map (instances, cellularity), timed into ``times``;
+    their results by name for the summary."""
+    extra = {}
+    if cfg.instances:
+        from wsiseg.instances import write_instances
+
+        t = time.perf_counter()
+        extra["instances"] = write_instances(out_dir, postprocess_config(predictor.model.meta))
+        times["instances"] = time.perf_counter() - t
+    if cfg.cellularity:
+        from wsiseg.scoring import score_map
+
+        t = time.perf_counter()
+        if preload is not None:
+            preload.join()  # (loaded while the tiles were inferred; score_map finds them cached)
+        extra["cellularity"] = score_map(out_dir, regs, cfg.cell_window, cfg.cell_stride, cfg.cell_min_tissue)
+        times["cellularity"] = time.perf_counter() - t
+    return extra
+
+
+def _run_record(reader, view, predictor: Predictor, cfg: RunConfig, times: dict, n_todo: int) -> dict:
+    """The summary's record of how the run went: timings, engine, resolution, config, memory."""
+    total = times["total"]
+    return {
+        "seconds": {k: round(v, 3) for k, v in times.items()},
+        "tiles_per_second": round(n_todo / total, 2) if total > 0 else None,
+        "device": str(predictor.device),
+        "torch_threads": __import__("torch").get_num_threads(),
+        "model": predictor.model.id,
+        "tta": predictor.tta,
+        "backend": predictor.backend,
+        "backend_reason": getattr(predictor, "backend_reason", "requested"),
+        "mpp": view.mpp,
+        "slide_mpp": reader.mpp,
+        "slide_mpp_source": reader.mpp_source,  # file, --mpp or --mpp-override
+        "file_mpp": reader.file_mpp,  # what the file says (None: nothing)
+        "shape": list(view.shape),
+        "channels": predictor.channels,
+        "config": asdict(cfg),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "wsiseg_version": wsiseg.__version__,
+    }
+
+
 def run_slide(path: str | Path, out_dir: str | Path, predictor: Predictor, cfg: RunConfig = RunConfig(),
               progress: Callable[[int], None] | None = None, progress_total: Callable[[int], None] | None = None,
               band_runner: Callable[[int, int], dict] | None = None,
@@ -311,29 +377,13 @@ def run_slide(path: str | Path, out_dir: str | Path, predictor: Predictor, cfg: 
             folder.remove_spill()  # a killed run's spill folder: nothing in it is reused
         store_path = out_dir / "probabilities.zarr"
         channels = predictor.channels
-        attrs = {
-            "version": wsiseg.__version__,
-            "mpp": view.mpp,
-            "slide_mpp": reader.mpp,
-            "scale_from_level0": view.scale,  # slide level-0 px per stored level-0 px
-            "pyramid_level_read": view.level,
-            "model": predictor.model.id,
-            "model_mpp": predictor.model.mpp,
-            "classes": channels,
-            "tile": cfg.tile,
-            "overlap": cfg.overlap,
-            "stride": grid.stride,
-            "window": cfg.window,
-            "source": str(path.name),
-            "slide_dimensions": list(reader.level_dimensions[0]),
-            "params": params,
-        }
         if state == "partial":
             store = ProbabilityStore.open_existing(store_path)
             log.info("%s: resuming: %d of %d bands already written", path.name, bands_done, -(-view.shape[0] // cfg.chunk))
             stain_record = store.group.attrs["wsiseg"].get("stain")  # the transform fitted then, not refitted
             stain_t = stain_norm.from_record(stain_record)
         else:
+            attrs = _store_attrs(path, reader, view, predictor, cfg, grid, params)
             t = time.perf_counter()
             stain_t, stain_record = stain_norm.for_slide(spec, view, grid, keep, stain)
             if stain_record is not None:
@@ -362,53 +412,14 @@ def run_slide(path: str | Path, out_dir: str | Path, predictor: Predictor, cfg: 
         # incomplete map); the run counts as complete only once summary.json says so, so a crash
         # in a later stage is redone by the next run
         store.mark_complete({"tiles_with_tissue": n_tissue, "tissue_fraction": float(mask.mean())})
-        extra = {}
-        if cfg.instances:
-            from wsiseg.instances import write_instances
-
-            t = time.perf_counter()
-            extra["instances"] = write_instances(out_dir, postprocess_config(predictor.model.meta))
-            times["instances"] = time.perf_counter() - t
-        if cfg.cellularity:
-            from wsiseg.scoring import score_map
-
-            t = time.perf_counter()
-            if preload is not None:
-                preload.join()  # (loaded while the tiles were inferred; score_map finds them cached)
-            extra["cellularity"] = score_map(out_dir, regs, cfg.cell_window, cfg.cell_stride, cfg.cell_min_tissue)
-            times["cellularity"] = time.perf_counter() - t
+        extra = _derived_stages(out_dir, predictor, cfg, regs, preload, times)
         total = time.perf_counter() - t_start
         times["total"] = total
         status = "no_tissue" if n_tissue == 0 else ("resumed" if state == "partial" else "ok")
-        summary = {
-            "complete": True,
-            "run_id": store.run_id,
-            "status": status,
-            "input": str(path),
-            "output": str(store_path),
-            "tiles_total": grid.n_tiles,
-            "tiles_with_tissue": n_tissue,
-            "tiles_inferred_this_run": n_todo,
-            "tissue_fraction": float(mask.mean()),
-            "seconds": {k: round(v, 3) for k, v in times.items()},
-            "tiles_per_second": round(n_todo / total, 2) if total > 0 else None,
-            "device": str(predictor.device),
-            "torch_threads": __import__("torch").get_num_threads(),
-            "model": predictor.model.id,
-            "tta": predictor.tta,
-            "backend": predictor.backend,
-            "backend_reason": getattr(predictor, "backend_reason", "requested"),
-            "mpp": view.mpp,
-            "slide_mpp": reader.mpp,
-            "slide_mpp_source": reader.mpp_source,  # file, --mpp or --mpp-override
-            "file_mpp": reader.file_mpp,  # what the file says (None: nothing)
-            "shape": list(view.shape),
-            "channels": channels,
-            "config": asdict(cfg),
-            "peak_rss_mb": round(peak_rss_mb(), 1),
-            "wsiseg_version": wsiseg.__version__,
-            **extra,
-        }
+        summary = {"complete": True, "run_id": store.run_id, "status": status, "input": str(path),
+                   "output": str(store_path), "tiles_total": grid.n_tiles, "tiles_with_tissue": n_tissue,
+                   "tiles_inferred_this_run": n_todo, "tissue_fraction": float(mask.mean()),
+                   **_run_record(reader, view, predictor, cfg, times, n_todo), **extra}
         if stain_record is not None:
             summary["stain"] = stain_record
         store.check_owner()  # the summary is this run's only while the store is
