@@ -147,6 +147,25 @@ def test_checkpoint_round_trip_and_an_interrupted_save_keeps_the_last_good_one(t
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in good.items())
 
 
+def test_step_budget_cosine_schedule_warmup_and_time_limit(monkeypatch):
+    from wsiseg.train import checkpoint as ck
+
+    b = ck.StepBudget(100)
+    assert b.lr(1.0, 0) == pytest.approx(1.0)
+    assert b.lr(1.0, 50) == pytest.approx(0.5)
+    assert b.lr(1.0, 100) == pytest.approx(0.0, abs=1e-12)
+    assert b.lr(1.0, 0, warmup_steps=10) == pytest.approx(0.1)  # warm-up scales the first steps
+    assert not b.done(99) and b.done(100)
+    now = [1000.0]
+    monkeypatch.setattr(ck.time, "perf_counter", lambda: now[0])
+    t = ck.StepBudget(10_000, max_seconds=60, elapsed=30)  # half the time spent by an earlier process
+    assert t.seconds() == pytest.approx(30)
+    assert t.lr(1.0, 1) == pytest.approx(0.5)  # the time fraction, not the step fraction, sets the rate
+    assert not t.done(1)
+    now[0] += 30
+    assert t.done(1) and t.lr(1.0, 1) == pytest.approx(0.0, abs=1e-12)
+
+
 def test_splits_hold_out_whole_sources_in_natural_order():
     from wsiseg.splits import every_nth, natural_key, split_by
     from wsiseg.train.datasets import ClassSample, split_groups

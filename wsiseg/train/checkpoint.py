@@ -1,4 +1,6 @@
-"""The trainers' shared checkpoint: ``OUT/last.pt`` and ``OUT/history.json``, resumed from.
+"""The step trainers' shared skeleton: checkpoint and resume, budget and schedule, sidecar.
+
+Checkpoint: ``OUT/last.pt`` and ``OUT/history.json``, resumed from.
 
 Both trainers (:mod:`wsiseg.train.loop`, :mod:`wsiseg.train.multitask`) save after each
 validation: the network's and optimiser's state, the step, the best validation score and the
@@ -9,6 +11,8 @@ checkpoint. A rerun with the same ``out`` continues from it.
 from __future__ import annotations
 
 import json
+import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,3 +53,54 @@ class Checkpoint:
         atomic_write(self.path, lambda f: torch.save(record, f))
         atomic_write(self.out / "history.json", lambda f: f.write(json.dumps(state.history, indent=1).encode()))
 
+
+class StepBudget:
+    """A trainer's budget: ``steps``, or ``max_seconds`` of training if that runs out first
+    (counting the ``elapsed`` seconds of earlier processes), and the cosine learning rate over it."""
+
+    def __init__(self, steps: int, max_seconds: float | None = None, elapsed: float = 0.0):
+        self.steps, self.max_seconds = int(steps), max_seconds
+        self._t0 = time.perf_counter() - elapsed
+
+    def seconds(self) -> float:
+        """Seconds of training so far, earlier processes included."""
+        return time.perf_counter() - self._t0
+
+    def lr(self, base: float, step: int, warmup_steps: int = 0) -> float:
+        """``base`` decayed by a half cosine over the budget (to 0 at its end), linear warm-up first."""
+        frac = step / self.steps
+        if self.max_seconds:
+            frac = max(frac, self.seconds() / self.max_seconds)
+        lr = base * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+        if step < warmup_steps:
+            lr *= (step + 1) / warmup_steps
+        return lr
+
+    def done(self, step: int) -> bool:
+        return step >= self.steps or bool(self.max_seconds and self.seconds() >= self.max_seconds)
+
+
+def weights_sidecar(model_id: str, architecture: str, net: torch.nn.Module, arch_kwargs: dict, classes, mpp: float,
+                    input_multiple: int, mean, std, training: dict, stain_meta: dict) -> dict:
+    """The JSON sidecar of trained weights (``wsiseg.models.registry.save_model``), less its
+    metrics and budget, which :func:`record_best` adds at each best validation."""
+    return {
+        "id": model_id,
+        "architecture": architecture,
+        "arch_kwargs": net.export_kwargs() if hasattr(net, "export_kwargs") else dict(arch_kwargs),
+        "classes": list(classes),
+        "activation": "sigmoid",
+        "mpp": mpp,
+        "input_multiple": int(input_multiple),
+        "normalization": {"mean": [float(v) for v in mean], "std": [float(v) for v in std],
+                          "input_range": "RGB / 255"},
+        "training": training,
+        **stain_meta,
+    }
+
+
+def record_best(meta: dict, metrics: dict, budget: dict) -> dict:
+    """``meta`` with the best validation's metrics and the budget spent to reach it."""
+    meta["metrics"] = metrics
+    meta["training"]["budget"] = budget
+    return meta

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +35,7 @@ from wsiseg.predict import pad_to_multiple, resolve_device
 from wsiseg.classes import CLASS_CHANNELS
 from wsiseg.stain import normalise_image, training_stain
 from wsiseg.train.augment import augment, random_crop
-from wsiseg.train.checkpoint import Checkpoint, TrainState
+from wsiseg.train.checkpoint import Checkpoint, StepBudget, TrainState, record_best, weights_sidecar
 from wsiseg.train.datasets import Sample, data_hash, split_monuseg
 from wsiseg.train.losses import LOSSES
 
@@ -219,26 +217,17 @@ def train(cfg: TrainConfig, log=print) -> Path:
         rng = np.random.default_rng([cfg.seed, step])
         log(f"resumed from {checkpoint.path} at step {step} (best val Dice {best:.4f})")
 
-    meta = {
-        "id": cfg.id,
-        "architecture": cfg.architecture,
-        "arch_kwargs": net.export_kwargs() if hasattr(net, "export_kwargs") else dict(cfg.arch_kwargs),
-        "classes": list(TARGETS[cfg.target]),
-        "activation": "sigmoid",
-        "mpp": cfg.mpp,
-        "input_multiple": multiple,
-        "normalization": {"mean": mean.tolist(), "std": std.tolist(), "input_range": "RGB / 255"},
-        "training": {
-            "data": "MoNuSeg 2018 training set (Kumar et al.), CC BY-NC-SA 4.0",
-            "data_hash": data_hash(train_s),
-            "train_images": [s.name for s in train_s],
-            "validation_images": [s.name for s in val_s],
-            "validation_split": "by image: the first image of each of the 7 organs",
-            "resampled_from_mpp": 0.25,
-            "config": dataclasses.asdict(cfg),
-        },
-        **stain_meta,
+    training = {
+        "data": "MoNuSeg 2018 training set (Kumar et al.), CC BY-NC-SA 4.0",
+        "data_hash": data_hash(train_s),
+        "train_images": [s.name for s in train_s],
+        "validation_images": [s.name for s in val_s],
+        "validation_split": "by image: the first image of each of the 7 organs",
+        "resampled_from_mpp": 0.25,
+        "config": dataclasses.asdict(cfg),
     }
+    meta = weights_sidecar(cfg.id, cfg.architecture, net, cfg.arch_kwargs, TARGETS[cfg.target], cfg.mpp, multiple,
+                           mean, std, training, stain_meta)
     if cfg.target != "mask":
         meta["training"]["target"] = cfg.target
         pre = cfg.arch_kwargs.get("pretrained", cfg.arch_kwargs.get("pretrained_backbone"))
@@ -251,7 +240,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
             "validation_split": f"by source image: every {cfg.group_val_every}th CoNSeP image",
             "resampled_from_mpp": 0.25,
         })
-    t0 = time.perf_counter() - elapsed
+    budget = StepBudget(cfg.steps, cfg.max_seconds, elapsed)
     batches = _batches(cfg, train_s, targets, weights, rng, step, pin=device.type == "cuda")
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and device.type == "cuda" else None
     machine = (f"{torch.cuda.get_device_name(device)}, {cfg.workers} data workers" if device.type == "cuda"
@@ -259,13 +248,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
     done = False
     while not done:
         net.train()
-        # cosine schedule over the budget: steps, or max_seconds if that runs out first
-        frac = step / cfg.steps
-        if cfg.max_seconds:
-            frac = max(frac, (time.perf_counter() - t0) / cfg.max_seconds)
-        lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
-        if step < cfg.warmup_steps:
-            lr *= (step + 1) / cfg.warmup_steps
+        lr = budget.lr(cfg.lr, step, cfg.warmup_steps)
         for g in opt.param_groups:
             g["lr"] = lr
         imgs, tgts = next(batches)
@@ -277,16 +260,16 @@ def train(cfg: TrainConfig, log=print) -> Path:
             torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_grad)
         opt.step()
         step += 1
-        done = step >= cfg.steps or bool(cfg.max_seconds and time.perf_counter() - t0 >= cfg.max_seconds)
+        done = budget.done(step)
         if step % 10 == 0:
-            log(f"step {step}/{cfg.steps} loss {loss.item():.4f} lr {lr:.2e} {time.perf_counter() - t0:.0f}s")
+            log(f"step {step}/{cfg.steps} loss {loss.item():.4f} lr {lr:.2e} {budget.seconds():.0f}s")
         if step % cfg.val_every == 0 or done:
             if cfg.target == "class_points":
                 m = evaluate_classes(net, val_s, mean, std, multiple)
             else:
                 m = evaluate(net, val_s, mean, std, multiple=multiple,
                              instances_mpp=cfg.mpp if cfg.select == "aji" else None)
-            history.append({"step": step, "loss": float(loss.item()), "seconds": time.perf_counter() - t0,
+            history.append({"step": step, "loss": float(loss.item()), "seconds": budget.seconds(),
                             "val_dice_pooled": m["dice_pooled"], "val_dice_mean": m["dice_mean_per_image"]})
             msg = f"  val Dice pooled {m['dice_pooled']:.4f} mean/image {m['dice_mean_per_image']:.4f}"
             if "aji_mean_per_image" in m:
@@ -296,16 +279,13 @@ def train(cfg: TrainConfig, log=print) -> Path:
             score = m["aji_mean_per_image"] if cfg.select == "aji" else m["dice_pooled"]
             if score > best:
                 best = score
-                meta["metrics"] = {"validation": m, "step": step, "selected_on": cfg.select}
-                meta["training"]["budget"] = {
-                    "steps": step, "batch_size": cfg.batch_size, "crop": cfg.crop,
-                    "seconds": round(time.perf_counter() - t0, 1),
-                    "machine": machine,
-                }
+                spent = {"steps": step, "batch_size": cfg.batch_size, "crop": cfg.crop,
+                         "seconds": round(budget.seconds(), 1), "machine": machine}
                 if amp is not None:
-                    meta["training"]["budget"]["precision"] = "bfloat16 autocast"
-                save_model(net, meta, out / cfg.id)
-            checkpoint.save(net, opt, TrainState(step, best, time.perf_counter() - t0, history))
+                    spent["precision"] = "bfloat16 autocast"
+                save_model(net, record_best(meta, {"validation": m, "step": step, "selected_on": cfg.select},
+                                            spent), out / cfg.id)
+            checkpoint.save(net, opt, TrainState(step, best, budget.seconds(), history))
     log(f"done: best val {'AJI' if cfg.select == 'aji' else 'Dice'} {best:.4f}; weights {out / cfg.id}.safetensors")
     return out / f"{cfg.id}.safetensors"
 

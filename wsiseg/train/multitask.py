@@ -26,8 +26,6 @@ the shipped default model.
 from __future__ import annotations
 
 import dataclasses
-import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +34,7 @@ import torch
 
 from wsiseg.models.registry import build_model, save_model
 from wsiseg.train.augment import augment
-from wsiseg.train.checkpoint import Checkpoint, TrainState
+from wsiseg.train.checkpoint import Checkpoint, StepBudget, TrainState, record_best, weights_sidecar
 from wsiseg.metrics import aji, overlap_table
 from wsiseg.models.pretrained import LICENCE, LITE_NORMALIZATION, LITE_ORIGIN, ensure_converted
 from wsiseg.postprocess import PostprocessConfig, instances_from_probability
@@ -290,7 +288,6 @@ def _training_data(cfg: MultitaskConfig, mkw: dict | None, log) -> _TrainingData
 
 def _sidecar(cfg: MultitaskConfig, net, arch_kwargs: dict, channels, mean, std, d: _TrainingData) -> dict:
     """The weights' JSON sidecar, less its metrics and budget (added at each best validation)."""
-    export_kwargs = net.export_kwargs() if hasattr(net, "export_kwargs") else dict(arch_kwargs)
     data = ("MoNuSeg 2018 training set (nucleus channel; CC BY-NC-SA 4.0); CoNSeP (Graham et al. "
             "2019) and a MoNuSAC 2020 subset (CC BY-NC-SA 4.0) for the class channels")
     if cfg.tnbc:
@@ -301,29 +298,21 @@ def _sidecar(cfg: MultitaskConfig, net, arch_kwargs: dict, channels, mean, std, 
              f"{cfg.consep_val_every}th source image; MoNuSAC every {cfg.monusac_val_every}th slide")
     if cfg.tnbc:
         split += f"; TNBC by patient: patients {', '.join(cfg.tnbc_val_patients)} held out"
-    meta = {
-        "id": cfg.id,
-        "architecture": cfg.architecture,
-        "arch_kwargs": export_kwargs,
-        "classes": list(channels),
-        "activation": "sigmoid",
-        "mpp": cfg.mpp,
-        "input_multiple": int(getattr(net, "input_multiple", 2 ** int(cfg.arch_kwargs.get("depth", 4)))),
-        "normalization": {"mean": list(map(float, mean)), "std": list(map(float, std)), "input_range": "RGB / 255"},
-        "training": {
-            "data": data,
-            "class_mapping": {
-                "consep": "other, spindle -> normal; inflammatory -> lymphocyte; epithelial -> malignant",
-                "monusac": "epithelial -> malignant; lymphocyte, macrophage, neutrophil -> lymphocyte",
-            },
-            "data_hash": data_hash(d.nuc_all) + "-" + _class_hash(d.cls_train),
-            "validation_split": split,
-            "validation_images": sorted({s.name for s in d.nuc_val + d.tnbc_val} | {s.group for s in d.cls_val}),
-            "init_from": cfg.init_from,
-            "config": {k_: (list(v) if isinstance(v, tuple) else v) for k_, v in dataclasses.asdict(cfg).items()},
+    training = {
+        "data": data,
+        "class_mapping": {
+            "consep": "other, spindle -> normal; inflammatory -> lymphocyte; epithelial -> malignant",
+            "monusac": "epithelial -> malignant; lymphocyte, macrophage, neutrophil -> lymphocyte",
         },
-        **d.stain_meta,
+        "data_hash": data_hash(d.nuc_all) + "-" + _class_hash(d.cls_train),
+        "validation_split": split,
+        "validation_images": sorted({s.name for s in d.nuc_val + d.tnbc_val} | {s.group for s in d.cls_val}),
+        "init_from": cfg.init_from,
+        "config": {k_: (list(v) if isinstance(v, tuple) else v) for k_, v in dataclasses.asdict(cfg).items()},
     }
+    multiple = getattr(net, "input_multiple", 2 ** int(cfg.arch_kwargs.get("depth", 4)))
+    meta = weights_sidecar(cfg.id, cfg.architecture, net, arch_kwargs, channels, cfg.mpp, multiple, mean, std,
+                           training, d.stain_meta)
     if cfg.marker:
         meta["postprocess"] = dataclasses.asdict(PostprocessConfig())
     if cfg.pretrained_encoder:
@@ -390,7 +379,7 @@ def train_multitask(cfg: MultitaskConfig, log=print) -> Path:
         log("class biases shifted to the training priors: " + ", ".join(
             f"{c} {v:+.2f}" for c, v in zip(CLASS_CHANNELS, shift)))
         meta["training"]["prior_bias_shift"] = [round(float(v), 4) for v in shift]
-    t0 = time.perf_counter() - elapsed
+    budget = StepBudget(cfg.steps, cfg.max_seconds, elapsed)
     done = step >= cfg.steps
     stride = int(getattr(net, "input_multiple", 2 ** int(cfg.arch_kwargs.get("depth", 4))))
     if cfg.consistency and cfg.consistency_context % stride:
@@ -400,10 +389,7 @@ def train_multitask(cfg: MultitaskConfig, log=print) -> Path:
     while not done:
         net.train(not cfg.consistency)  # batch norm frozen under the consistency term (see the config)
         bigs, offsets = [], []
-        frac = step / cfg.steps
-        if cfg.max_seconds:
-            frac = max(frac, (time.perf_counter() - t0) / cfg.max_seconds)
-        lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+        lr = budget.lr(cfg.lr, step)
         for g in opt.param_groups:
             g["lr"] = lr * g.get("lr_mult", 1.0)
         class_step = step % 2 == 1
@@ -455,26 +441,23 @@ def train_multitask(cfg: MultitaskConfig, log=print) -> Path:
         loss.backward()
         opt.step()
         step += 1
-        done = step >= cfg.steps or bool(cfg.max_seconds and time.perf_counter() - t0 >= cfg.max_seconds)
+        done = budget.done(step)
         if step % 10 == 0:
             log(f"step {step}/{cfg.steps} {'class' if class_step else 'nucleus'} loss {loss.item():.4f} "
                 + (f"(last nucleus step's consistency {last_consistency:.4f}) " if cfg.consistency else "")
-                + f"lr {lr:.2e} {time.perf_counter() - t0:.0f}s")
+                + f"lr {lr:.2e} {budget.seconds():.0f}s")
         if step % cfg.val_every == 0 or done:
             m = evaluate_classes(net, nuc_val, cls_val, mean32, std32, marker=cfg.marker, tnbc_val=tnbc_val,
                                  mpp=cfg.mpp)
-            history.append({"step": step, "seconds": time.perf_counter() - t0, **m})
+            history.append({"step": step, "seconds": budget.seconds(), **m})
             log("  val " + " ".join(f"{k_} {v:.4f}" for k_, v in m.items()))
             if m["score"] > best:
                 best = m["score"]
-                meta["metrics"] = {"validation": m, "step": step}
-                meta["training"]["budget"] = {
-                    "steps": step, "batch_size": [cfg.batch_size, cfg.class_batch_size],
-                    "crop": [cfg.crop, cfg.class_crop], "seconds": round(time.perf_counter() - t0, 1),
-                    "machine": f"CPU, {torch.get_num_threads()} threads",
-                }
-                save_model(net, meta, out / cfg.id)
-            checkpoint.save(net, opt, TrainState(step, best, time.perf_counter() - t0, history))
+                spent = {"steps": step, "batch_size": [cfg.batch_size, cfg.class_batch_size],
+                         "crop": [cfg.crop, cfg.class_crop], "seconds": round(budget.seconds(), 1),
+                         "machine": f"CPU, {torch.get_num_threads()} threads"}
+                save_model(net, record_best(meta, {"validation": m, "step": step}, spent), out / cfg.id)
+            checkpoint.save(net, opt, TrainState(step, best, budget.seconds(), history))
     log(f"done: best validation score {best:.4f}; weights {out / cfg.id}.safetensors")
     return out / f"{cfg.id}.safetensors"
 
