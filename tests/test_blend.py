@@ -58,7 +58,7 @@ def _read_map(out_dir) -> np.ndarray:
 def test_constant_model_reproduces_a_constant_map(tmp_path, monuseg_image):
     img = write_png(tmp_path / "patch.png", monuseg_image[:700, :600])
     pred = Predictor(test_model(ConstantNet(0.7)), "cpu")
-    res = run_slide(img, tmp_path / "out", pred, RunConfig(mpp=0.5, tissue=False))
+    res = run_slide(img, tmp_path / "out", pred, RunConfig.of(mpp=0.5, tissue=False))
     m = _read_map(res.out_dir)
     assert m.shape == (1, 700, 600)
     assert np.abs(m.astype(np.float32) - 0.7 * 255).max() <= 0.5 + 1e-3
@@ -72,7 +72,7 @@ def test_tilewise_equals_whole_image_inference_in_the_interior(tmp_path, monuseg
     model = test_model(net)
     pred = Predictor(model, "cpu")
     res = run_slide(write_png(tmp_path / "p.png", image), tmp_path / "out", pred,
-                    RunConfig(mpp=0.5, tissue=False, window=window_kind))
+                    RunConfig.of(mpp=0.5, tissue=False, window=window_kind))
     tiled = _read_map(res.out_dir)[0].astype(np.float32) / 255
     whole = pred(image[None])[0, 0]  # the whole image as one "tile"
     b = 8  # image-border pixels see padding that differs between the two
@@ -100,12 +100,12 @@ def test_shifted_image_gives_the_same_map(tmp_path, monuseg_image):
 
     pred = Predictor(load_model(), "cpu")
     img = monuseg_image[:600, :600]
-    d, mb = _shift_difference(tmp_path, pred, img, RunConfig(mpp=pred.model.mpp, tissue=False), 96, "hann")
+    d, mb = _shift_difference(tmp_path, pred, img, RunConfig.of(mpp=pred.model.mpp, tissue=False), 96, "hann")
     assert d.mean() < 0.003, d.mean()
     assert np.quantile(d, 0.99) < 0.05, np.quantile(d, 0.99)
     assert (mb > 0.5).mean() > 0.05  # the maps are not trivially empty
     # the same check fails without overlap: it detects seams
-    d0, _ = _shift_difference(tmp_path, pred, img, RunConfig(mpp=pred.model.mpp, tissue=False, overlap=0.0), 96, "none")
+    d0, _ = _shift_difference(tmp_path, pred, img, RunConfig.of(mpp=pred.model.mpp, tissue=False, overlap=0.0), 96, "none")
     assert d0.mean() > 3 * d.mean() and np.quantile(d0, 0.99) > 0.05
 
 
@@ -128,7 +128,7 @@ def test_tiled_map_is_the_whole_image_forward_pass(tmp_path, monuseg_image):
     diffs = {}
     for overlap in (0.5, 0.0):
         r = run_slide(write_png(tmp_path / "p.png", img), tmp_path / f"o{overlap}", pred,
-                      RunConfig(mpp=0.5, tissue=False, cellularity=False, overlap=overlap))
+                      RunConfig.of(mpp=0.5, tissue=False, cellularity=False, overlap=overlap))
         tiled = _read_map(r.out_dir)[0].astype(np.float32) / 255
         diffs[overlap] = np.abs(tiled - whole)[24:-24, 24:-24]  # away from the image's own borders
     d, d0 = diffs[0.5], diffs[0.0]
@@ -153,7 +153,7 @@ def test_shifted_image_gives_the_same_map_with_stain_normalisation(tmp_path, mon
     img = monuseg_image[:600, :600]
     t = stain_norm.fit_transform(stain_norm.resolve_spec(method, None, clahe, pred.model.meta), img)
     assert not t.identity
-    cfg = RunConfig(mpp=pred.model.mpp, tissue=False, cellularity=False)
+    cfg = RunConfig.of(mpp=pred.model.mpp, tissue=False, cellularity=False)
     d, mb = _shift_difference(tmp_path, pred, img, cfg, 96, method, stain=t)
     pre, _ = _shift_difference(tmp_path, pred, t.apply_numpy(img), cfg, 96, method + "-pre")
     assert d.mean() < 0.003, d.mean()
@@ -274,17 +274,17 @@ def test_blockwise_store_equals_reference_full_accumulation(tmp_path, monuseg_im
     image[300:650, 100:520] = 242  # blank glass: the tissue mask leaves gaps between tiles
     image[:, 760:] = 242
     img = write_png(tmp_path / "p.png", image)
-    cfg = RunConfig(mpp=0.5, chunk=128, tile=64, batch_size=1, block_tiles=4)
+    cfg = RunConfig.of(mpp=0.5, chunk=128, tile=64, batch_size=1, block_tiles=4)
     pred = Predictor(test_model(conv_net()), "cpu")
     prep = prepare_slide(img, 0.5, cfg)
     H, W = prep.view.shape
-    store = ProbabilityStore.create(tmp_path / "out" / "probabilities.zarr", (H, W), pred.channels, 0.5, {}, cfg.chunk)
+    store = ProbabilityStore.create(tmp_path / "out" / "probabilities.zarr", (H, W), pred.channels, 0.5, {}, cfg.tiling.chunk)
     stats = infer_bands(prep.view, prep.grid, prep.keep, pred, store, cfg)
     store.build_pyramid()
     assert stats["tiles"] == int(prep.keep.sum()) > 0 and not prep.keep.all()
 
-    preds = _tile_predictions(prep.view, prep.grid, prep.keep, pred, cfg.tile)
-    ref = BandBlender((H, W), 1, cfg.tile, cfg.chunk)
+    preds = _tile_predictions(prep.view, prep.grid, prep.keep, pred, cfg.tiling.tile)
+    ref = BandBlender((H, W), 1, cfg.tiling.tile, cfg.tiling.chunk)
     for (y, x), p in sorted(preds.items()):  # row-major
         ref.add(p, y, x)
     full = np.concatenate([p for _, p in ref.release(H)], axis=1)
@@ -297,7 +297,7 @@ def test_blockwise_store_equals_reference_full_accumulation(tmp_path, monuseg_im
         b = np.pad(b, ((0, 0), (0, h % 2), (0, w % 2)), mode="edge")
         level = ((b[:, 0::2, 0::2] + b[:, 1::2, 0::2] + b[:, 0::2, 1::2] + b[:, 1::2, 1::2] + 2) // 4).astype(np.uint8)
         np.testing.assert_array_equal(g[str(i)][:], level)
-    assert json.loads((tmp_path / "out" / "progress.json").read_text())["bands_done"] == -(-H // cfg.chunk)
+    assert json.loads((tmp_path / "out" / "progress.json").read_text())["bands_done"] == -(-H // cfg.tiling.chunk)
 
 
 def test_normalise_equals_the_masked_division():

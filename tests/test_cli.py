@@ -161,14 +161,28 @@ def test_run_flags_are_read_into_the_run_config_by_its_table():
                   "--stain", "macenko", "--stain-target", "t.png", "--no-clahe", "--no-cellularity",
                   "--cell-window", "256", "--cell-stride", "128", "--cell-min-tissue", "0.1", "--lgbm", "none",
                   "--cnn", "my.safetensors", "--instances", "--overwrite"])
-    assert RunConfig.from_args(args) == RunConfig(
+    assert RunConfig.from_args(args) == RunConfig.of(
         tile=128, overlap=0.25, window="flat", mpp=0.25, mpp_override=0.5, tissue=False, max_rescale=4.0,
         max_image_pixels=100, batch_size=3, workers=1, blend_thread=True, blend_on_device=True, stain="macenko",
         stain_target="t.png", clahe=False, cellularity=False, cell_window=256, cell_stride=128,
         cell_min_tissue=0.1, lgbm=None, cnn="my.safetensors", instances=True, overwrite=True)
-    assert RunConfig.from_args(parse(["run", "x.svs", "--blend-thread", "off", "--clahe"])).blend_thread is False
+    off = RunConfig.from_args(parse(["run", "x.svs", "--blend-thread", "off", "--clahe"]))
+    assert off.engine.blend_thread is False and off.stain.clahe is True
+    # one part per concern; flat option names in and out, in table order
+    cfg = RunConfig.from_args(args)
+    assert (cfg.tiling.tile, cfg.limits.max_rescale, cfg.engine.batch_size, cfg.stain.method, cfg.stain.target,
+            cfg.cellularity.enabled, cfg.cellularity.window, cfg.instances.enabled, cfg.output.overwrite) == (
+        128, 4.0, 3, "macenko", "t.png", False, 256, True, True)
+    assert RunConfig.of(**cfg.flat()) == cfg and list(cfg.flat()) == list(RunConfig.options())
+    assert cfg.cellularity.regressors() == {} and RunConfig().cellularity.regressors() == {
+        "lgbm": "cellularity-lgbm-proxy", "cnn": "cellularity-cnn-proxy"}
+    assert cfg.replace(tile=64).tiling.tile == 64 and cfg.replace(tile=64).engine == cfg.engine
+    with pytest.raises(TypeError, match="unknown option"):
+        RunConfig.of(cell_windw=256)
+    with pytest.raises(TypeError, match="no truth value"):
+        bool(cfg.cellularity)  # `if cfg.cellularity:` would always be true
     # the resume check compares the whole tiling concern
-    cfg = RunConfig(tile=128)
+    cfg = RunConfig.of(tile=128)
     assert tuple(cfg.part("tiling")) == MAP_FIELDS == (
         "tile", "overlap", "window", "chunk", "mpp", "mpp_override", "thumbnail_size", "tissue")
     assert cfg.part("tiling")["tile"] == 128 and "batch_size" in cfg.part("engine")

@@ -50,14 +50,13 @@ def _dies_once(path, out_dir, model, cfg, marker):
         if first and seen[0] >= 16:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    res = run_slide(path, out_dir, _predictor(PredictorSpec(model, "cpu", 1)), RunConfig(**cfg), progress=progress)
+    res = run_slide(path, out_dir, _predictor(PredictorSpec(model, "cpu", 1)), RunConfig.of(**cfg), progress=progress)
     return res.status
 
 
 @pytest.mark.slow
 def test_worker_killed_mid_slide_loses_nothing(tmp_path, monuseg_image, tiny_unet_path):
     import cloudpickle
-    from dataclasses import asdict
 
     from wsiseg.cluster import make_client
     from wsiseg.models import load_model
@@ -66,11 +65,11 @@ def test_worker_killed_mid_slide_loses_nothing(tmp_path, monuseg_image, tiny_une
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     img = write_png(tmp_path / "big.png", monuseg_image[:900, :600])
-    cfg = RunConfig(mpp=0.5, chunk=128, tissue=False)
+    cfg = RunConfig.of(mpp=0.5, chunk=128, tissue=False)
     ref = run_slide(img, tmp_path / "ref", Predictor(load_model(tiny_unet_path), "cpu"), cfg)
     marker = str(tmp_path / "attempted")
     with make_client("local:2") as client:
-        fut = client.submit(_dies_once, str(img), str(tmp_path / "dist"), str(tiny_unet_path), asdict(cfg), marker,
+        fut = client.submit(_dies_once, str(img), str(tmp_path / "dist"), str(tiny_unet_path), cfg.flat(), marker,
                             pure=False)
         status = fut.result(timeout=300)
     assert os.path.exists(marker)

@@ -247,7 +247,7 @@ def _run_replaced_mid_way_does_not_mark_complete(ctx: Ctx) -> Result:
 
     pred = Predictor(load_model(ctx.model), "cpu")
     with pytest.raises(SlideError, match="another run re-created this output") as e:
-        run_slide(img, d, pred, RunConfig(mpp=0.5, chunk=128, tissue=False), progress=replace_store)
+        run_slide(img, d, pred, RunConfig.of(mpp=0.5, chunk=128, tissue=False), progress=replace_store)
     assert not (d / "summary.json").exists()
     assert not zarr.open_group(str(d / "probabilities.zarr"), mode="r").attrs["wsiseg"]["complete"]
     return Result(1, "", str(e.value))

@@ -114,7 +114,7 @@ def test_an_image_too_large_for_a_patch_is_refused(tmp_path, monuseg_image):
     big = write_png(tmp_path / "big.png", np.tile(monuseg_image[:500, :500], (2, 2, 1)))
     from wsiseg.pipeline import RunConfig
 
-    s = run_patches([big], ["big"], tmp_path / "o", Predictor(load_model(), "cpu", threads=1), RunConfig(mpp=0.25),
+    s = run_patches([big], ["big"], tmp_path / "o", Predictor(load_model(), "cpu", threads=1), RunConfig.of(mpp=0.25),
                     max_px=256)
     assert s["patches"] == 0 and "not a patch" in s["failed"][0]["error"] and "without --patches" in s["failed"][0]["error"]
     assert Image.open(big).size == (1000, 1000)

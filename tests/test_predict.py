@@ -114,7 +114,7 @@ def test_an_error_in_the_tile_loop_stops_the_readers_before_the_slide_closes(tmp
     pred.__class__ = Failing
     with pytest.raises(RuntimeError, match="batch 3 failed"):
         run_slide(SAMPLE_SVS, tmp_path / "out", pred,
-                  RunConfig(batch_size=4, workers=2, cellularity=False))
+                  RunConfig.of(batch_size=4, workers=2, cellularity=False))
     assert calls["n"] == 3
     assert not [t for t in threading.enumerate() if t.name == "wsiseg-reader" and t.is_alive()]
 
@@ -136,7 +136,7 @@ def test_blending_in_a_thread_gives_the_same_bytes_and_surfaces_its_errors(tmp_p
     pred = Predictor(load_model(tiny_unet_path), "cpu", threads=1)
     maps = {}
     for threaded, on_device in ((True, False), (False, False), (True, True), (False, True)):
-        cfg = RunConfig(mpp=0.5, chunk=128, tissue=False, batch_size=3, cellularity=False, blend_thread=threaded,
+        cfg = RunConfig.of(mpp=0.5, chunk=128, tissue=False, batch_size=3, cellularity=False, blend_thread=threaded,
                         blend_on_device=on_device)
         res = run_slide(img, tmp_path / f"out-{threaded}-{on_device}", pred, cfg)
         assert res.status == "ok"
@@ -160,7 +160,7 @@ def test_blending_in_a_thread_gives_the_same_bytes_and_surfaces_its_errors(tmp_p
     ChunkBlender.add = failing_add
     try:
         with pytest.raises(RuntimeError, match="tile 7 failed"):
-            run_slide(img, tmp_path / "fail", pred, RunConfig(mpp=0.5, chunk=128, tissue=False, batch_size=3,
+            run_slide(img, tmp_path / "fail", pred, RunConfig.of(mpp=0.5, chunk=128, tissue=False, batch_size=3,
                                                               cellularity=False, blend_thread=True))
     finally:
         ChunkBlender.add = add
@@ -227,7 +227,7 @@ def test_blending_on_the_gpu_writes_the_bytes_of_blending_on_the_host(tmp_path, 
     pred = Predictor(load_model(tiny_unet_path), "cuda")
     maps = {}
     for threaded, on_device in ((False, False), (True, True), (False, True)):
-        cfg = RunConfig(mpp=0.5, chunk=128, tissue=False, batch_size=4, cellularity=False, blend_thread=threaded,
+        cfg = RunConfig.of(mpp=0.5, chunk=128, tissue=False, batch_size=4, cellularity=False, blend_thread=threaded,
                         blend_on_device=on_device)
         res = run_slide(img, tmp_path / f"out-{threaded}-{on_device}", pred, cfg)
         g = zarr.open_group(str(res.out_dir / "probabilities.zarr"), mode="r")

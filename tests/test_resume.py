@@ -15,7 +15,7 @@ from wsiseg.models import load_model
 from wsiseg.pipeline import RunConfig, run_slide
 from wsiseg.predict import Predictor
 
-CFG = RunConfig(mpp=0.5, chunk=128, tissue=False)
+CFG = RunConfig.of(mpp=0.5, chunk=128, tissue=False)
 
 
 def _map(d):
@@ -92,7 +92,7 @@ def test_interrupt_in_process_then_resume(tmp_path, image_path, tiny_unet_path):
     assert res.status == "resumed" and _looks_complete(out)
     again = run_slide(image_path, out, pred, CFG)
     assert again.status == "skipped"
-    ov = run_slide(image_path, out, pred, RunConfig(**{**CFG.__dict__, "overwrite": True}))
+    ov = run_slide(image_path, out, pred, CFG.replace(overwrite=True))
     assert ov.status == "ok"
 
 
@@ -103,13 +103,13 @@ def test_resume_mid_band_redoes_the_band_bit_for_bit(tmp_path, monuseg_image, ti
     from wsiseg.store import ProbabilityStore
 
     img = write_png(tmp_path / "img.png", monuseg_image[:900, :700])
-    cfg = RunConfig(mpp=0.5, chunk=128, tissue=False, batch_size=1)  # one tile a batch: no batch effects
+    cfg = RunConfig.of(mpp=0.5, chunk=128, tissue=False, batch_size=1)  # one tile a batch: no batch effects
     pred = Predictor(load_model(tiny_unet_path), "cpu", threads=1)
     prep = prepare_slide(img, pred.model.mpp, cfg)
 
     def new_store(name):
         return ProbabilityStore.create(tmp_path / name / "probabilities.zarr", prep.view.shape, pred.channels,
-                                       0.5, {}, cfg.chunk)
+                                       0.5, {}, cfg.tiling.chunk)
 
     ref = new_store("ref")
     total = infer_bands(prep.view, prep.grid, prep.keep, pred, ref, cfg)["tiles"]

@@ -262,14 +262,14 @@ def _map(out_dir) -> np.ndarray:
 def test_run_fits_once_records_it_and_default_is_unchanged(tmp_path, monuseg_image):
     img = write_png(tmp_path / "img.png", monuseg_image[:400, :520])
     pred = Predictor(test_model(conv_net()), "cpu")
-    base = run_slide(img, tmp_path / "base", pred, RunConfig(mpp=0.5, tissue=False, cellularity=False))
-    none = run_slide(img, tmp_path / "none", pred, RunConfig(mpp=0.5, tissue=False, cellularity=False, stain="none"))
+    base = run_slide(img, tmp_path / "base", pred, RunConfig.of(mpp=0.5, tissue=False, cellularity=False))
+    none = run_slide(img, tmp_path / "none", pred, RunConfig.of(mpp=0.5, tissue=False, cellularity=False, stain="none"))
     np.testing.assert_array_equal(_map(none.out_dir), _map(base.out_dir))
     attrs = zarr.open_group(str(base.out_dir / "probabilities.zarr"), mode="r").attrs["wsiseg"]
     assert "stain" not in base.summary and "stain" not in attrs and "stain" not in attrs["params"]
     target = _target(tmp_path)
     for m in METHODS:
-        cfg = RunConfig(mpp=0.5, tissue=False, cellularity=False, stain=m, stain_target=target)
+        cfg = RunConfig.of(mpp=0.5, tissue=False, cellularity=False, stain=m, stain_target=target)
         res = run_slide(img, tmp_path / m, pred, cfg)
         rec = res.summary["stain"]
         assert rec["status"] == "fitted" and rec["method"] == m and rec["target_origin"] == "image target.png"
@@ -283,7 +283,7 @@ def test_run_fits_once_records_it_and_default_is_unchanged(tmp_path, monuseg_ima
 
 def test_resumed_run_reuses_the_recorded_transform(tmp_path, monuseg_image, monkeypatch):
     img = write_png(tmp_path / "img.png", monuseg_image[:900, :500])
-    cfg = RunConfig(mpp=0.5, chunk=128, tissue=False, cellularity=False, stain="macenko", stain_target=_target(tmp_path))
+    cfg = RunConfig.of(mpp=0.5, chunk=128, tissue=False, cellularity=False, stain="macenko", stain_target=_target(tmp_path))
     pred = Predictor(test_model(conv_net()), "cpu")
     ref = run_slide(img, tmp_path / "ref", pred, cfg)
     seen = [0]
@@ -307,13 +307,13 @@ def test_resumed_run_reuses_the_recorded_transform(tmp_path, monuseg_image, monk
     from wsiseg.slide import SlideError
 
     with pytest.raises(SlideError, match="different run"):
-        run_slide(img, tmp_path / "out", pred, RunConfig(**{**cfg.__dict__, "stain": "reinhard"}))
+        run_slide(img, tmp_path / "out", pred, cfg.replace(stain="reinhard"))
 
 
 def test_no_tissue_falls_back_with_a_warning(tmp_path):
     glass = write_png(tmp_path / "glass.png", np.full((300, 300, 3), 242, np.uint8))
     pred = Predictor(test_model(conv_net()), "cpu")
-    res = run_slide(glass, tmp_path / "out", pred, RunConfig(mpp=0.5, cellularity=False, stain="vahadane",
+    res = run_slide(glass, tmp_path / "out", pred, RunConfig.of(mpp=0.5, cellularity=False, stain="vahadane",
                                                              stain_target=_target(tmp_path)))
     assert res.summary["complete"] and res.summary["stain"]["status"] == "skipped"
     assert "not normalised" in res.summary["stain"]["warning"] and "not normalised" in res.message
@@ -370,10 +370,10 @@ def test_a_model_trained_with_a_normaliser_is_run_with_it(tmp_path, monuseg_imag
     assert set(meta["stain_reference"]) >= set(METHODS)
     img = write_png(tmp_path / "img.png", monuseg_image[:300, :300])
     pred = Predictor(model, "cpu")
-    res = run_slide(img, tmp_path / "out", pred, RunConfig(mpp=0.5, tissue=False, cellularity=False))
+    res = run_slide(img, tmp_path / "out", pred, RunConfig.of(mpp=0.5, tissue=False, cellularity=False))
     assert res.summary["stain"]["method"] == "macenko"
     assert res.summary["stain"]["target"]["origin"].endswith("training image TCGA-A7-A13F-01Z-00-DX1")
-    off = run_slide(img, tmp_path / "off", pred, RunConfig(mpp=0.5, tissue=False, cellularity=False, stain="none"))
+    off = run_slide(img, tmp_path / "off", pred, RunConfig.of(mpp=0.5, tissue=False, cellularity=False, stain="none"))
     assert "stain" not in off.summary
 
 

@@ -139,17 +139,14 @@ def run(slide: str | Path, out: str | Path = "wsiseg-out", model: str | Path | L
         **options: Any) -> Result:
     """Run the engine on one slide or image, as ``wsiseg run`` does, into ``out/<stem>/``.
 
-    ``options`` are :class:`wsiseg.pipeline.RunConfig` fields (``mpp``, ``instances``,
+    ``options`` are :class:`wsiseg.config.RunConfig` options by flat name (``mpp``, ``instances``,
     ``cellularity``, ``tile``, ``overlap``, ``batch_size``, ``overwrite``, ...). A finished output
     is returned as it is; an interrupted one is resumed. Raises :class:`SlideError` for bad input."""
     from wsiseg.inputs import out_names
 
-    known = {f.name for f in dataclasses.fields(RunConfig)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise TypeError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    cfg = RunConfig.of(**options)  # an unknown option: TypeError, before the model is loaded
     loaded = model if isinstance(model, LoadedModel) else _load_model(model)
     predictor = PredictorSpec(None, device, threads, tta, backend).build(loaded)
     slide = Path(slide)
-    res = run_slide(slide, Path(out) / out_names([slide])[0], predictor, RunConfig(**options))
+    res = run_slide(slide, Path(out) / out_names([slide])[0], predictor, cfg)
     return Result(res.out_dir)

@@ -262,8 +262,8 @@ def _setup(slide: Path, mpp: float, cfg):
     from wsiseg.tiling import window_blocks
 
     prep = prepare_slide(Path(slide), mpp, cfg)
-    return prep.reader, prep.view, prep.grid, prep.keep, window_blocks(prep.grid, prep.keep, cfg.chunk,
-                                                                          max_tiles=cfg.block_tiles)
+    return prep.reader, prep.view, prep.grid, prep.keep, window_blocks(prep.grid, prep.keep, cfg.tiling.chunk,
+                                                                          max_tiles=cfg.engine.block_tiles)
 
 
 def stage_read_only(slide: Path, model, cfg, spec=None, **_: Any) -> dict:
@@ -276,7 +276,7 @@ def stage_read_only(slide: Path, model, cfg, spec=None, **_: Any) -> dict:
     try:
         setup = time.perf_counter() - t0
         t1 = time.perf_counter()
-        stream = TileStream(view, grid, todo, cfg.batch_size, workers=cfg.workers, cols=cfg.block_tiles * grid.stride)
+        stream = TileStream(view, grid, todo, cfg.engine.batch_size, workers=cfg.engine.workers, cols=cfg.engine.block_tiles * grid.stride)
         n = 0
         for tiles, where in stream:
             n += len(tiles)
@@ -303,17 +303,17 @@ def stage_model_only(slide: Path, model, cfg, spec, min_seconds: float = 10.0, m
     reader, view, grid, keep, todo = _setup(slide, model.mpp, cfg)
     try:
         # the slide's stain transform, as run_slide fits it (untimed: once per slide)
-        stain, _ = for_slide(resolve_spec(cfg.stain, cfg.stain_target, cfg.clahe, model.meta), view, grid, keep)
+        stain, _ = for_slide(resolve_spec(cfg.stain.method, cfg.stain.target, cfg.stain.clahe, model.meta), view, grid, keep)
         rows, cols = np.nonzero(keep) if keep.any() else np.nonzero(np.ones_like(keep))
-        k = min(len(rows), 4 * cfg.batch_size)
+        k = min(len(rows), 4 * cfg.engine.batch_size)
         pick = np.linspace(0, len(rows) - 1, k).round().astype(int)
-        tiles = [view.read(int(grid.ys[rows[i]]), int(grid.xs[cols[i]]), cfg.tile, cfg.tile) for i in pick]
+        tiles = [view.read(int(grid.ys[rows[i]]), int(grid.xs[cols[i]]), cfg.tiling.tile, cfg.tiling.tile) for i in pick]
     finally:
         reader.close()
-    while len(tiles) < cfg.batch_size:
+    while len(tiles) < cfg.engine.batch_size:
         tiles += tiles
-    batches = [np.stack([tiles[(b * cfg.batch_size + j) % len(tiles)] for j in range(cfg.batch_size)])
-               for b in range(max(1, len(tiles) // cfg.batch_size))]
+    batches = [np.stack([tiles[(b * cfg.engine.batch_size + j) % len(tiles)] for j in range(cfg.engine.batch_size)])
+               for b in range(max(1, len(tiles) // cfg.engine.batch_size))]
     predictor, setup = _timed_predictor(model, spec)
     predictor = predictor.with_stain(stain)
     for i in range(2):
@@ -325,7 +325,7 @@ def stage_model_only(slide: Path, model, cfg, spec, min_seconds: float = 10.0, m
         predictor(batches[n_batches % len(batches)])
         n_batches += 1
     dt = time.perf_counter() - t0
-    n = n_batches * cfg.batch_size
+    n = n_batches * cfg.engine.batch_size
     out = {"tiles": n, "batches": n_batches, "seconds": round(dt, 3), "loop_seconds": round(dt, 3),
            "tiles_per_second": round(n / dt, 2), "loop_tiles_per_second": round(n / dt, 2),
            "distinct_tiles": len(tiles), "device": str(predictor.device),
@@ -388,7 +388,7 @@ def stage_features(slide: Path, model, cfg, spec, **_: Any) -> dict:
         out = Path(tmp) / "out"
         run_slide(slide, out, predictor, cfg)
         t = time.perf_counter()
-        c = score_map(out, None, cfg.cell_window, cfg.cell_stride, cfg.cell_min_tissue)
+        c = score_map(out, None, cfg.cellularity.window, cfg.cellularity.stride, cfg.cellularity.min_tissue)
         dt = time.perf_counter() - t
     if c.get("status") == "skipped":
         return {"tiles": 0, "tiles_per_second": None, "status": "skipped: " + c["reason"], "seconds": round(dt, 3)}
@@ -426,7 +426,7 @@ def run_stage(stage: str, slide: str | Path, model: str | None = None, device: s
     resolve_device(device)  # fail early on a bad device
     m = load_model(model)
     # the tile pipeline's stages without the cellularity stage, which is measured on its own
-    cfg = RunConfig(tile=tile, overlap=overlap, batch_size=batch_size, workers=workers, tissue=tissue, overwrite=True,
+    cfg = RunConfig.of(tile=tile, overlap=overlap, batch_size=batch_size, workers=workers, tissue=tissue, overwrite=True,
                     cellularity=False, blend_thread=BLEND_THREAD[blend_thread],
                     blend_on_device=blend_on_device, stain=stain, stain_target=stain_target, clahe=clahe)
     before = _rss_mb()

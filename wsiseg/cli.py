@@ -68,12 +68,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         model = load_model(args.model)
         predictor = PredictorSpec.from_args(args).build(model)
         cfg = RunConfig.from_args(args)
-        resolve_spec(cfg.stain, cfg.stain_target, cfg.clahe, model.meta)  # a bad method or target: before any slide
+        resolve_spec(cfg.stain.method, cfg.stain.target, cfg.stain.clahe, model.meta)  # a bad method or target: before any slide
     except (ModelError, ValueError) as e:
         print(f"wsiseg: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    if cfg.tile % model.input_multiple:
-        print(f"wsiseg: error: --tile {cfg.tile} must be a multiple of {model.input_multiple} for model {model.id}", file=sys.stderr)
+    if cfg.tiling.tile % model.input_multiple:
+        print(f"wsiseg: error: --tile {cfg.tiling.tile} must be a multiple of {model.input_multiple} for model {model.id}", file=sys.stderr)
         return EXIT_USAGE
     out_root = Path(args.output)
     failed = len(errors)
@@ -121,11 +121,11 @@ def _run_patches(args: argparse.Namespace, files: list[Path], out_root: Path, cf
 
     from wsiseg.patches import run_patches
 
-    if cfg.instances:
+    if cfg.instances.enabled:
         print("wsiseg: error: --instances is not available with --patches (run the images without --patches)",
               file=sys.stderr)
         return len(files)
-    regs = {k: v for k, v in (("lgbm", cfg.lgbm), ("cnn", cfg.cnn)) if v} if cfg.cellularity else {}
+    regs = cfg.cellularity.regressors()
     with tqdm(total=len(files), unit="patch", disable=None if not args.quiet else True, leave=False) as bar:
         try:
             s = run_patches(files, out_names(files), out_root, predictor, cfg, regressors=regs, progress=bar.update)

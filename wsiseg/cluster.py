@@ -13,7 +13,7 @@ single-process run.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, replace
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterator
@@ -40,7 +40,7 @@ def slide_task(path: str, out_dir: str, spec: PredictorSpec, cfg: dict) -> dict:
     from wsiseg.slide import SlideError
 
     try:
-        res = run_slide(path, out_dir, _predictor(spec), RunConfig(**cfg))
+        res = run_slide(path, out_dir, _predictor(spec), RunConfig.of(**cfg))
     except SlideError as e:
         return {"path": path, "out_dir": out_dir, "status": "error", "message": str(e), "summary": {}}
     return {"path": path, "out_dir": out_dir, "status": res.status, "message": res.message, "summary": res.summary}
@@ -72,7 +72,7 @@ def run_distributed(client, jobs: list[tuple[Path, Path]], spec: PredictorSpec, 
 
     spec = _worker_spec(client, spec)
     futures = [
-        client.submit(slide_task, str(p), str(o), spec, asdict(cfg),
+        client.submit(slide_task, str(p), str(o), spec, cfg.flat(),
                       key=f"wsiseg-slide-{i}-{p.name}", pure=False)
         for i, (p, o) in enumerate(jobs)
     ]
@@ -91,7 +91,7 @@ def region_task(path: str, out_dir: str, spec: PredictorSpec, cfg: dict, b0: int
     from wsiseg.stain import from_record
     from wsiseg.store import ProbabilityStore
 
-    cfg_ = RunConfig(**cfg)
+    cfg_ = RunConfig.of(**cfg)
     pred = _predictor(spec)
     out = Path(out_dir)
     part = out / f"progress-bands-{b0}-{b1}.json"
@@ -120,7 +120,7 @@ def split_band_runner(client, path: Path, out_dir: Path, spec: PredictorSpec, cf
     def runner(first_band: int, n_bands: int) -> dict:
         edges = [first_band + round(i * (n_bands - first_band) / parts) for i in range(parts + 1)]
         ranges = [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
-        futs = [client.submit(region_task, str(path), str(out_dir), spec, asdict(cfg), a, b,
+        futs = [client.submit(region_task, str(path), str(out_dir), spec, cfg.flat(), a, b,
                               key=f"wsiseg-region-{path.name}-{a}-{b}", pure=False) for a, b in ranges]
         stats: dict = {}
         for st in client.gather(futs):

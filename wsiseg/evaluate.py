@@ -67,7 +67,7 @@ def evaluate_monuseg(predictor: Predictor, root: str | Path, names: list[str] = 
     (None: as the model's sidecar says); each image is normalised as one slide, fitted on itself.
     """
     root = Path(root)
-    run_cfg = RunConfig(mpp=MONUSEG_MPP, tissue=False, cellularity=False, stain=stain[0], stain_target=stain[1],
+    run_cfg = RunConfig.of(mpp=MONUSEG_MPP, tissue=False, cellularity=False, stain=stain[0], stain_target=stain[1],
                         clahe=stain[2])
     stain_used = None
     pooled = {"model_mpp": dict.fromkeys(("tp", "fp", "fn", "tn"), 0.0), "native": dict.fromkeys(("tp", "fp", "fn", "tn"), 0.0)}

@@ -171,9 +171,9 @@ def run_patches(files: list[Path], names: list[str], out_dir: Path, predictor: P
 def _run_patches(files, names, out_dir: Path, predictor: Predictor, cfg: RunConfig, regressors, max_px: int,
                  progress) -> dict:
     t_start = time.perf_counter()
-    tile, overlap, batch_size, window_kind = cfg.tile, cfg.overlap, cfg.batch_size, cfg.window
-    mpp = cfg.mpp_override or cfg.mpp
-    overwrite = cfg.overwrite
+    tile, overlap, batch_size, window_kind = cfg.tiling.tile, cfg.tiling.overlap, cfg.engine.batch_size, cfg.tiling.window
+    mpp = cfg.tiling.mpp_override or cfg.tiling.mpp
+    overwrite = cfg.output.overwrite
     model = predictor.model
     channels = list(predictor.channels)
     params = {"model": model.id, "classes": channels, "mpp": model.mpp, "tile": tile, "overlap": overlap,

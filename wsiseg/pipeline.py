@@ -14,7 +14,7 @@ import resource
 import threading
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -24,7 +24,7 @@ from PIL import Image
 import wsiseg
 from wsiseg import stain as stain_norm
 from wsiseg.blend import ChunkBlender, DeviceChunkBlender, trim_heap
-from wsiseg.config import MAP_FIELDS, RunConfig
+from wsiseg.config import RunConfig
 from wsiseg.predict import Predictor
 from wsiseg.run_folder import RunFolder
 from wsiseg.schedule import TileStream
@@ -79,7 +79,7 @@ def _params(cfg: RunConfig, predictor: Predictor, view: ScaledView, path: Path) 
     extra = {} if predictor.tta == "none" else {"tta": predictor.tta}
     if predictor.backend == "openvino-int8":  # other maps than float32's: a resumed run must not mix them
         extra["backend"] = predictor.backend
-    return extra | {f: getattr(cfg, f) for f in MAP_FIELDS} | {
+    return extra | cfg.part("tiling") | {
         "input": path.name,
         "input_bytes": path.stat().st_size,
         "model": predictor.model.id,
@@ -106,9 +106,9 @@ def open_view(path: Path, model_mpp: float, cfg: RunConfig) -> tuple[object, Sca
     """The slide opened and viewed at the model's resolution, after every check that reads no
     pixels (the file, its resolution and the resampling it needs, a plain image's size and mode).
     Raises :class:`SlideError` for bad input."""
-    reader = open_slide(path, cfg.mpp, mpp_override=cfg.mpp_override, max_image_pixels=cfg.max_image_pixels)
+    reader = open_slide(path, cfg.tiling.mpp, mpp_override=cfg.tiling.mpp_override, max_image_pixels=cfg.limits.max_image_pixels)
     try:
-        check_resolution(reader, model_mpp, cfg.max_rescale)
+        check_resolution(reader, model_mpp, cfg.limits.max_rescale)
         return reader, ScaledView.create(reader, model_mpp)
     except BaseException:
         reader.close()
@@ -117,9 +117,9 @@ def open_view(path: Path, model_mpp: float, cfg: RunConfig) -> tuple[object, Sca
 
 def _survey(reader, view: ScaledView, cfg: RunConfig) -> tuple[np.ndarray, np.ndarray, TileGrid, np.ndarray]:
     """(thumbnail, tissue mask, tile grid, tissue tiles): the first pixels read."""
-    thumb = reader.thumbnail(min(cfg.thumbnail_size, max(reader.level_dimensions[0])))
-    mask = tissue_mask(thumb) if cfg.tissue else np.ones(thumb.shape[:2], bool)
-    grid = TileGrid(view.shape, cfg.tile, cfg.overlap)
+    thumb = reader.thumbnail(min(cfg.tiling.thumbnail_size, max(reader.level_dimensions[0])))
+    mask = tissue_mask(thumb) if cfg.tiling.tissue else np.ones(thumb.shape[:2], bool)
+    grid = TileGrid(view.shape, cfg.tiling.tile, cfg.tiling.overlap)
     keep = grid.tissue_tiles(mask)
     trim_heap()  # the thumbnail's and the mask's working arrays are gone
     return thumb, mask, grid, keep
@@ -154,37 +154,37 @@ def infer_bands(view: ScaledView, grid: TileGrid, keep: np.ndarray, predictor: P
     slide's size (the strip that a band's tiles reach into the next waits on disk beyond 16 MB,
     see :class:`~wsiseg.blend.ChunkBlender`); the map is bit-identical to a row-major pass.
     Each tile's probabilities are multiplied by the blending window just before they are added
-    (on a GPU, the predictor does it there for the whole batch); with ``cfg.blend_thread`` (auto:
+    (on a GPU, the predictor does it there for the whole batch); with ``cfg.engine.blend_thread`` (auto:
     on CUDA) one thread blends and releases batch n while batch n + 1 is inferred (the same bytes
     either way); the store encodes and writes blocks in a background thread, and
     ``progress_file`` (default the store's ``progress.json``) records the bands written, after
     each band's last block; everything is on disk when this returns (or raises).
     Returns seconds per stage and the number of tiles inferred (``tiles``).
     """
-    ch = cfg.chunk
+    ch = cfg.tiling.chunk
     n_bands = -(-view.shape[0] // ch)
     stop_band = n_bands if stop_band is None else min(stop_band, n_bands)
-    if cfg.blend_on_device:
-        blender = DeviceChunkBlender(view.shape, len(predictor.channels), cfg.tile, ch, cfg.window,
+    if cfg.engine.blend_on_device:
+        blender = DeviceChunkBlender(view.shape, len(predictor.channels), cfg.tiling.tile, ch, cfg.tiling.window,
                                      first_band=first_band, stop_band=stop_band, cols=2 * ch, device=predictor.device)
     else:
         # a spill folder goes in the run folder: a killed run leaves nothing elsewhere
-        blender = ChunkBlender(view.shape, len(predictor.channels), cfg.tile, ch, cfg.window,
+        blender = ChunkBlender(view.shape, len(predictor.channels), cfg.tiling.tile, ch, cfg.tiling.window,
                                first_band=first_band, stop_band=stop_band, cols=2 * ch,
                                spill_dir=str(Path(store.path).parent))
     xs = grid.xs
-    todo = window_blocks(grid, keep, ch, first_band, stop_band, cfg.block_tiles)
+    todo = window_blocks(grid, keep, ch, first_band, stop_band, cfg.engine.block_tiles)
     for blk in todo:
         for c in blk.cols:
             blender.expect(blk.y, int(xs[c]))
-    stream = TileStream(view, grid, todo, cfg.batch_size, workers=cfg.workers, cols=cfg.block_tiles * grid.stride)
+    stream = TileStream(view, grid, todo, cfg.engine.batch_size, workers=cfg.engine.workers, cols=cfg.engine.block_tiles * grid.stride)
     n_todo = stream.tiles
     if progress_total:
         progress_total(n_todo)
     t = dict.fromkeys(("infer", "blend", "write", "read_wait", "blend_wait"), 0.0)
-    threaded = predictor.device.type != "cpu" if cfg.blend_thread is None else cfg.blend_thread
+    threaded = predictor.device.type != "cpu" if cfg.engine.blend_thread is None else cfg.engine.blend_thread
     writer = BlockWriter(blender, store, view.shape[1], progress_file, t)
-    sink = make_sink(predictor, writer, len(predictor.channels), cfg.tile, cfg.batch_size, cfg.blend_on_device, threaded)
+    sink = make_sink(predictor, writer, len(predictor.channels), cfg.tiling.tile, cfg.engine.batch_size, cfg.engine.blend_on_device, threaded)
     t_loop = time.perf_counter()
     batches = iter(stream)
     try:
@@ -214,16 +214,16 @@ def _plan(folder: RunFolder, params: dict, cfg: RunConfig, path: Path) -> tuple[
     """('complete' | 'partial' | 'new', bands done, a note for the user) for a run into
     ``folder``; refuses output of other parameters without ``--overwrite``."""
     state, bands = folder.state(params)
-    if state == "mismatch" and not cfg.overwrite:
+    if state == "mismatch" and not cfg.output.overwrite:
         raise SlideError(
             f"{path}: {folder.path} holds output of a different run (other model, tile, "
             "overlap or input); use --overwrite to replace it or -o for another folder"
         )
     note = ""
-    if state == "stale" and not cfg.overwrite:
+    if state == "stale" and not cfg.output.overwrite:
         note = (f"{folder.path} was written by two runs at once (its summary is not its store's); "
                 "started again")
-    if cfg.overwrite or state in ("none", "mismatch", "stale"):
+    if cfg.output.overwrite or state in ("none", "mismatch", "stale"):
         return "new", 0, note  # (state "none" may be a folder killed before its first progress record)
     return state, bands, note
 
@@ -270,10 +270,10 @@ def _store_attrs(path: Path, reader, view, predictor: Predictor, cfg: RunConfig,
         "model": predictor.model.id,
         "model_mpp": predictor.model.mpp,
         "classes": predictor.channels,
-        "tile": cfg.tile,
-        "overlap": cfg.overlap,
+        "tile": cfg.tiling.tile,
+        "overlap": cfg.tiling.overlap,
         "stride": grid.stride,
-        "window": cfg.window,
+        "window": cfg.tiling.window,
         "source": str(path.name),
         "slide_dimensions": list(reader.level_dimensions[0]),
         "params": params,
@@ -284,19 +284,19 @@ def _derived_stages(out_dir: Path, predictor: Predictor, cfg: RunConfig, regs: d
     """The stages that read the finished map (instances, cellularity), timed into ``times``;
     their results by name for the summary."""
     extra = {}
-    if cfg.instances:
+    if cfg.instances.enabled:
         from wsiseg.instances import write_instances
 
         t = time.perf_counter()
         extra["instances"] = write_instances(out_dir, postprocess_config(predictor.model.meta))
         times["instances"] = time.perf_counter() - t
-    if cfg.cellularity:
+    if cfg.cellularity.enabled:
         from wsiseg.scoring import score_map
 
         t = time.perf_counter()
         if preload is not None:
             preload.join()  # (loaded while the tiles were inferred; score_map finds them cached)
-        extra["cellularity"] = score_map(out_dir, regs, cfg.cell_window, cfg.cell_stride, cfg.cell_min_tissue)
+        extra["cellularity"] = score_map(out_dir, regs, cfg.cellularity.window, cfg.cellularity.stride, cfg.cellularity.min_tissue)
         times["cellularity"] = time.perf_counter() - t
     return extra
 
@@ -319,7 +319,7 @@ def _run_record(reader, view, predictor: Predictor, cfg: RunConfig, times: dict,
         "file_mpp": reader.file_mpp,  # what the file says (None: nothing)
         "shape": list(view.shape),
         "channels": predictor.channels,
-        "config": asdict(cfg),
+        "config": cfg.flat(),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "wsiseg_version": wsiseg.__version__,
     }
@@ -343,7 +343,7 @@ def run_slide(path: str | Path, out_dir: str | Path, predictor: Predictor, cfg: 
     path, out_dir = Path(path), Path(out_dir)
     t_start = time.perf_counter()
     times: dict[str, float] = {}
-    regs = {k: v for k, v in (("lgbm", cfg.lgbm), ("cnn", cfg.cnn)) if v} if cfg.cellularity else {}
+    regs = cfg.cellularity.regressors()
     folder = RunFolder(out_dir, path)
     reader, view = open_view(path, predictor.model.mpp, cfg)
     times["open"] = time.perf_counter() - t_start
@@ -352,7 +352,7 @@ def run_slide(path: str | Path, out_dir: str | Path, predictor: Predictor, cfg: 
         params = _params(cfg, predictor, view, path)
         # --- stain normalisation: what to do (absent from params and attrs when nothing)
         try:
-            spec = None if stain is not None else stain_norm.resolve_spec(cfg.stain, cfg.stain_target, cfg.clahe,
+            spec = None if stain is not None else stain_norm.resolve_spec(cfg.stain.method, cfg.stain.target, cfg.stain.clahe,
                                                                           predictor.model.meta)
         except stain_norm.StainError as e:
             raise SlideError(f"{path}: {e}") from None
@@ -379,7 +379,7 @@ def run_slide(path: str | Path, out_dir: str | Path, predictor: Predictor, cfg: 
         channels = predictor.channels
         if state == "partial":
             store = ProbabilityStore.open_existing(store_path)
-            log.info("%s: resuming: %d of %d bands already written", path.name, bands_done, -(-view.shape[0] // cfg.chunk))
+            log.info("%s: resuming: %d of %d bands already written", path.name, bands_done, -(-view.shape[0] // cfg.tiling.chunk))
             stain_record = store.group.attrs["wsiseg"].get("stain")  # the transform fitted then, not refitted
             stain_t = stain_norm.from_record(stain_record)
         else:
@@ -389,7 +389,7 @@ def run_slide(path: str | Path, out_dir: str | Path, predictor: Predictor, cfg: 
             if stain_record is not None:
                 attrs["stain"] = stain_record
                 times["stain_fit"] = time.perf_counter() - t
-            store = ProbabilityStore.create(store_path, view.shape, channels, view.mpp, attrs, cfg.chunk)
+            store = ProbabilityStore.create(store_path, view.shape, channels, view.mpp, attrs, cfg.tiling.chunk)
             # zlib level 1: a 2048 px thumbnail in about 0.4 s instead of 0.65 s, 2.5% larger
             Image.fromarray(thumb).save(out_dir / "thumbnail.png", compress_level=1)
             Image.fromarray((mask * 255).astype(np.uint8)).save(out_dir / "tissue.png", compress_level=1)
@@ -399,8 +399,8 @@ def run_slide(path: str | Path, out_dir: str | Path, predictor: Predictor, cfg: 
             stats = infer_bands(view, grid, keep, predictor.with_stain(stain_t), store, cfg, bands_done, None,
                                 progress=progress, progress_total=progress_total)
         else:
-            stats = band_runner(bands_done, -(-view.shape[0] // cfg.chunk))
-            store.mark_bands_done(-(-view.shape[0] // cfg.chunk))
+            stats = band_runner(bands_done, -(-view.shape[0] // cfg.tiling.chunk))
+            store.mark_bands_done(-(-view.shape[0] // cfg.tiling.chunk))
             store.flush()
         n_todo = stats.pop("tiles")
         times.update(stats)

@@ -130,7 +130,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in MONUSEG_VAL:
             f = sorted((root / "images").glob(f"{name}*.png"))[0]
-            res = run_slide(f, Path(tmp) / f.stem, predictor, RunConfig(mpp=MONUSEG_MPP, tissue=False, cellularity=False))
+            res = run_slide(f, Path(tmp) / f.stem, predictor, RunConfig.of(mpp=MONUSEG_MPP, tissue=False, cellularity=False))
             arr = zarr.open_group(str(res.out_dir / "probabilities.zarr"), mode="r")["0"]
             gt = np.asarray(Image.open(root / "instances" / f.name)).astype(np.int32)
             gt = np.unique(gt, return_inverse=True)[1].reshape(gt.shape).astype(np.int32)  # ids 1..N

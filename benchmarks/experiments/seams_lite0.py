@@ -13,5 +13,5 @@ from wsiseg.pipeline import RunConfig
 img = np.asarray(Image.open(sorted((MONUSEG / "images").glob("*.png"))[0]).convert("RGB"))
 for backend in ("torch", "openvino"):
     pred = Predictor(load_model(sys.argv[1] if len(sys.argv) > 1 else None), "cpu", backend=backend)
-    d, mb = _shift_difference(Path(tempfile.mkdtemp()), pred, img[:600, :600], RunConfig(mpp=pred.model.mpp, tissue=False), 96, "hann")
+    d, mb = _shift_difference(Path(tempfile.mkdtemp()), pred, img[:600, :600], RunConfig.of(mpp=pred.model.mpp, tissue=False), 96, "hann")
     print(backend, pred.backend, d.mean(), np.quantile(d, 0.99), (mb > 0.5).mean())

@@ -33,7 +33,7 @@ from wsiseg.slide import SAMPLE  # noqa: E402
 def tiled(pred, img, tmp, tag, overlap=0.5, tile=256):
     p = Path(tmp) / f"{tag}.png"
     Image.fromarray(img).save(p)
-    r = run_slide(p, Path(tmp) / tag, pred, RunConfig(mpp=pred.model.mpp, mpp_override=pred.model.mpp,
+    r = run_slide(p, Path(tmp) / tag, pred, RunConfig.of(mpp=pred.model.mpp, mpp_override=pred.model.mpp,
                                                       tissue=False, overlap=overlap, tile=tile))
     return zarr.open_group(str(r.out_dir / "probabilities.zarr"), mode="r")["0"][0].astype(np.float32) / 255
 

@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     model = load_model(a.model)
     pred = Predictor(model, "cpu")
     img = np.asarray(Image.open(Path(a.data) / "images" / f"{IMAGE}.png").convert("RGB"))[:600, :600]
-    cfg = RunConfig(mpp=model.mpp, tissue=False, cellularity=False)
+    cfg = RunConfig.of(mpp=model.mpp, tissue=False, cellularity=False)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
             add(method, clahe, "tile", p=per_tile_predictor(pred, op))
     out = {"benchmark": "seams from colour: 96 px shift (issue 21)", "command": "python benchmarks/experiments/stain_seams.py",
            "model": model.id, "image": f"MoNuSeg {IMAGE}[:600, :600] read as {model.mpp} um/px", "shift_px": SHIFT,
-           "target": "the model's sidecar stain_reference", "window": cfg.window, "overlap": cfg.overlap,
+           "target": "the model's sidecar stain_reference", "window": cfg.tiling.window, "overlap": cfg.tiling.overlap,
            "rows": rows}
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(out, indent=2) + "\n")

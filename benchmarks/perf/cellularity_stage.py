@@ -39,7 +39,7 @@ if mode == "before":
 from wsiseg.models import load_model
 from wsiseg.predict import Predictor
 pred = Predictor(load_model(), "cpu", backend="auto")
-r = pl.run_slide(slide, out, pred, pl.RunConfig(cellularity=mode != "off"))
+r = pl.run_slide(slide, out, pred, pl.RunConfig.of(cellularity=mode != "off"))
 s = r.summary
 print("RESULT " + json.dumps({"process_seconds": time.perf_counter() - t0, "summary_total": s["seconds"]["total"],
                               "tiles_loop": s["seconds"]["tiles_loop"], "cellularity": s["seconds"].get("cellularity"),
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
         from wsiseg.pipeline import RunConfig, run_slide
         from wsiseg.predict import Predictor
 
-        r = run_slide(a.slide, Path(tmp) / "o", Predictor(load_model(), "cpu"), RunConfig(cellularity=False))
+        r = run_slide(a.slide, Path(tmp) / "o", Predictor(load_model(), "cpu"), RunConfig.of(cellularity=False))
         out["cnn_alone"] = cnn_alone(r.out_dir)
     print(json.dumps({k: out[k] for k in ("median", "added_share_of_run", "same_scores", "cnn_alone")}, indent=1))
     if a.json:

@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for cell in (True, False):
             regs = dict(DEFAULT_REGRESSORS) if cell else {}
-            s = run_patches(files, out_names(files), Path(tmp) / f"p{cell}", predictor, RunConfig(mpp=a.mpp),
+            s = run_patches(files, out_names(files), Path(tmp) / f"p{cell}", predictor, RunConfig.of(mpp=a.mpp),
                             regressors=regs)
             runs.append({"mode": "patches", "cellularity": cell, "patches": s["patches"], "backend": s["backend"],
                          "network_seconds_per_patch": s["network_seconds_per_patch"],
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
             net = 0.0
             for f, name in zip(few, out_names(few)):
                 res = run_slide(f, Path(tmp) / f"one{cell}" / name, predictor,
-                                RunConfig(mpp=a.mpp, cellularity=cell))
+                                RunConfig.of(mpp=a.mpp, cellularity=cell))
                 net += res.summary["seconds"].get("infer", 0.0)
             dt = time.perf_counter() - t0
             runs.append({"mode": "one run per image", "cellularity": cell, "patches": len(few),
