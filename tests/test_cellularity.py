@@ -410,3 +410,39 @@ def test_regressor_errors(tmp_path):
         LightGBMRegressor().predict(np.zeros((1, 81)))
     with pytest.raises(FileNotFoundError, match="sidecar"):
         LightGBMRegressor.load(tmp_path / "nothing")
+
+
+def test_consep_is_read_one_way_by_the_trainers_and_the_proxy_labels(tmp_path):
+    """The class trainer's loader (images + classes) and the proxy loader (classes only) read a
+    CoNSeP class map through one reader: the same labels, and the same refusals of a bad file."""
+    import shutil
+
+    from PIL import Image
+
+    from wsiseg.classes import CONSEP_TO_CHANNEL
+    from wsiseg.train.datasets import load_consep as load_class_samples
+
+    src = need(CONSEP)
+    names = sorted(p.stem for p in (src / "classes").glob("*.png"))[:2]
+    for d, ext in (("images", "jpg"), ("classes", "png")):
+        (tmp_path / d).mkdir()
+        for n in names:
+            shutil.copy(src / d / f"{n}.{ext}", tmp_path / d / f"{n}.{ext}")
+    samples = load_class_samples(tmp_path, 0.25)  # source resolution: no resampling
+    tiles = load_consep(tmp_path, names, target_mpp=0.25, smooth_sigma=0.0)
+    lut = np.array([CONSEP_TO_CHANNEL[k] for k in sorted(CONSEP_TO_CHANNEL)], np.uint8)
+    for s, t in zip(samples, tiles):
+        labels = np.asarray(Image.open(src / "classes" / f"{s.name}.png"))
+        assert s.name == t.name and np.array_equal(s.classes, lut[labels])
+        assert np.array_equal(t.probs.argmax(0), s.classes)  # the proxy's one-hot maps: the same classes
+        assert t.proxy == proxy_cellularity(labels)
+    bad = np.asarray(Image.open(tmp_path / "classes" / f"{names[0]}.png")).copy()
+    bad[0, 0] = 9
+    Image.fromarray(bad).save(tmp_path / "classes" / f"{names[0]}.png")
+    for load in (lambda: load_class_samples(tmp_path, 0.5), lambda: load_consep(tmp_path, names)):
+        with pytest.raises(ValueError, match=r"class ids \[9\] are not in the mapping"):
+            load()
+    Image.fromarray(np.stack([bad] * 3, -1)).save(tmp_path / "classes" / f"{names[0]}.png")
+    for load in (lambda: load_class_samples(tmp_path, 0.5), lambda: load_consep(tmp_path, names)):
+        with pytest.raises(ValueError, match="single-channel class map"):
+            load()

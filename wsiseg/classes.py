@@ -6,6 +6,10 @@ GeoJSON and the features name.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
+
 NUCLEUS_TYPES: tuple[str, ...] = ("normal", "lymphocyte", "malignant")
 CLASS_CHANNELS: tuple[str, ...] = (*NUCLEUS_TYPES, "background")
 
@@ -27,3 +31,23 @@ def source_image(tile_name: str) -> str:
     if not sep or not image or not n.isdigit():
         raise ValueError(f"{tile_name}: not a tile name of the form <image>_<number>")
     return image
+
+
+def read_class_map(path: str | Path, mapping: dict[int, int], shape: tuple[int, int] | None = None) -> np.ndarray:
+    """A source's class map (``classes/<name>.png``, ``masks/<name>.png``) as read for every use:
+    a single-channel image of the class ids in ``mapping``, of ``shape`` (its image's) when given.
+    Raises ValueError naming the file otherwise."""
+    from PIL import Image
+
+    path = Path(path)
+    try:
+        labels = np.asarray(Image.open(path))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read the class map ({e})") from None
+    if labels.ndim != 2 or (shape is not None and labels.shape != tuple(shape)):
+        want = f"a {tuple(shape)}" if shape is not None else "a"
+        raise ValueError(f"{path}: expected {want} single-channel class map, got shape {labels.shape}")
+    unknown = set(np.unique(labels).tolist()) - set(mapping)
+    if unknown:
+        raise ValueError(f"{path}: class ids {sorted(unknown)} are not in the mapping {mapping}")
+    return labels

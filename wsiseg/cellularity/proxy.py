@@ -23,7 +23,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
-from wsiseg.classes import CLASS_CHANNELS, CONSEP_MPP, CONSEP_TUMOUR_CLASSES, source_image
+from wsiseg.classes import CLASS_CHANNELS, CONSEP_MPP, CONSEP_TUMOUR_CLASSES, read_class_map, source_image
 from wsiseg.classes import CONSEP_TO_CHANNEL as CONSEP_CLASS_TO_CHANNEL
 from wsiseg.splits import split_by
 
@@ -102,7 +102,6 @@ def load_consep(root: str | Path, names: Sequence[str] | None = None, target_mpp
     the way a network's probabilities are soft). The proxy is computed on the full-resolution
     labels. Returns a list of :class:`ProxyTile` in ``names`` order.
     """
-    from PIL import Image
 
     cdir = Path(root) / "classes"
     if not cdir.is_dir():
@@ -112,13 +111,7 @@ def load_consep(root: str | Path, names: Sequence[str] | None = None, target_mpp
     scale = CONSEP_MPP / target_mpp
     tiles = []
     for name in names:
-        path = cdir / f"{name}.png"
-        try:
-            labels = np.asarray(Image.open(path))
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{path}: cannot read the class map ({e})") from None
-        if labels.ndim != 2:
-            raise ValueError(f"{path}: expected a single-channel class map, got shape {labels.shape}")
+        labels = read_class_map(cdir / f"{name}.png", CONSEP_CLASS_TO_CHANNEL)
         tiles.append(ProxyTile(
             name=name,
             image_id=consep_image_id(name),

@@ -16,7 +16,7 @@ from PIL import Image
 
 from wsiseg.splits import every_nth, split_by
 from wsiseg.classes import (CLASS_CHANNELS, CONSEP_MPP, CONSEP_TO_CHANNEL, MONUSAC_MPP,
-                            MONUSAC_TO_CHANNEL, source_image)
+                            MONUSAC_TO_CHANNEL, read_class_map, source_image)
 
 MONUSEG_MPP = 0.25
 
@@ -135,10 +135,7 @@ class ClassSample:
         return (self.classes != CLASS_CHANNELS.index("background")).astype(np.uint8)
 
 
-def _map_labels(labels: np.ndarray, mapping: dict[int, int], path: Path) -> np.ndarray:
-    unknown = set(np.unique(labels).tolist()) - set(mapping)
-    if unknown:
-        raise ValueError(f"{path}: class ids {sorted(unknown)} are not in the mapping {mapping}")
+def _map_labels(labels: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
     lut = np.zeros(max(mapping) + 1, np.uint8)
     for k, v in mapping.items():
         lut[k] = v
@@ -153,12 +150,8 @@ def _load_class_set(img_files: list[Path], label_of, mapping, group_of, src_mpp,
         if instances_of is not None:
             inst = np.asarray(Image.open(instances_of(f))).astype(np.int32)
             inst = np.ascontiguousarray(resample(inst, scale, nearest=True))
-        lab_path = label_of(f)
         img = np.asarray(Image.open(f).convert("RGB"))
-        lab = np.asarray(Image.open(lab_path))
-        if lab.ndim != 2 or lab.shape != img.shape[:2]:
-            raise ValueError(f"{lab_path}: expected a {img.shape[:2]} single-channel label map, got {lab.shape}")
-        ch = _map_labels(lab, mapping, lab_path)
+        ch = _map_labels(read_class_map(label_of(f), mapping, img.shape[:2]), mapping)
         out.append(ClassSample(f.stem, group_of(f.stem), np.ascontiguousarray(resample(img, scale)),
                                np.ascontiguousarray(resample(ch, scale, nearest=True)), inst))
     return out
