@@ -80,17 +80,22 @@ class StepBudget:
         return step >= self.steps or bool(self.max_seconds and self.seconds() >= self.max_seconds)
 
 
-def weights_sidecar(model_id: str, architecture: str, net: torch.nn.Module, arch_kwargs: dict, classes, mpp: float,
-                    input_multiple: int, mean, std, training: dict, stain_meta: dict) -> dict:
+def weights_sidecar(cfg, net: torch.nn.Module, classes, input_multiple: int, mean_std, training: dict,
+                    stain_meta: dict, arch_kwargs: dict | None = None) -> dict:
     """The JSON sidecar of trained weights (``wsiseg.models.registry.save_model``), less its
-    metrics and budget, which :func:`record_best` adds at each best validation."""
+    metrics and budget, which :func:`record_best` adds at each best validation. ``cfg``: a
+    trainer's config (its ``id``, ``architecture``, ``arch_kwargs`` and ``mpp``); ``arch_kwargs``:
+    what the network was built with, where not ``cfg.arch_kwargs`` (a network's own
+    ``export_kwargs()`` comes first)."""
+    mean, std = mean_std
+    kwargs = cfg.arch_kwargs if arch_kwargs is None else arch_kwargs
     return {
-        "id": model_id,
-        "architecture": architecture,
-        "arch_kwargs": net.export_kwargs() if hasattr(net, "export_kwargs") else dict(arch_kwargs),
+        "id": cfg.id,
+        "architecture": cfg.architecture,
+        "arch_kwargs": net.export_kwargs() if hasattr(net, "export_kwargs") else dict(kwargs),
         "classes": list(classes),
         "activation": "sigmoid",
-        "mpp": mpp,
+        "mpp": cfg.mpp,
         "input_multiple": int(input_multiple),
         "normalization": {"mean": [float(v) for v in mean], "std": [float(v) for v in std],
                           "input_range": "RGB / 255"},

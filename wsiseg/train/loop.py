@@ -226,8 +226,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
         "resampled_from_mpp": 0.25,
         "config": dataclasses.asdict(cfg),
     }
-    meta = weights_sidecar(cfg.id, cfg.architecture, net, cfg.arch_kwargs, TARGETS[cfg.target], cfg.mpp, multiple,
-                           mean, std, training, stain_meta)
+    meta = weights_sidecar(cfg, net, TARGETS[cfg.target], multiple, (mean, std), training, stain_meta)
     if cfg.target != "mask":
         meta["training"]["target"] = cfg.target
         pre = cfg.arch_kwargs.get("pretrained", cfg.arch_kwargs.get("pretrained_backbone"))

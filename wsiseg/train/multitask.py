@@ -311,8 +311,7 @@ def _sidecar(cfg: MultitaskConfig, net, arch_kwargs: dict, channels, mean, std, 
         "config": {k_: (list(v) if isinstance(v, tuple) else v) for k_, v in dataclasses.asdict(cfg).items()},
     }
     multiple = getattr(net, "input_multiple", 2 ** int(cfg.arch_kwargs.get("depth", 4)))
-    meta = weights_sidecar(cfg.id, cfg.architecture, net, arch_kwargs, channels, cfg.mpp, multiple, mean, std,
-                           training, d.stain_meta)
+    meta = weights_sidecar(cfg, net, channels, multiple, (mean, std), training, d.stain_meta, arch_kwargs)
     if cfg.marker:
         meta["postprocess"] = dataclasses.asdict(PostprocessConfig())
     if cfg.pretrained_encoder:
