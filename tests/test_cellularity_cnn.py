@@ -248,7 +248,7 @@ def test_breastpathq_patches_are_read_at_20x_and_scored_by_eval_and_predict(tmp_
     ``cellularity predict`` on the image file gives the same scores as ``eval`` on the labels."""
     import csv as csvlib
 
-    from wsiseg.cellularity_cli import load_patches
+    from wsiseg.cellularity.labelled import load_patches
     from wsiseg.cli import main
 
     csv, img_dir = _bpq_layout(tmp_path)

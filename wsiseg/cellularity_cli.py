@@ -1,22 +1,6 @@
 """``wsiseg cellularity train`` / ``eval``: the LightGBM cellularity regressor on real data.
 
-Data sources (``--data KIND:PATH``, repeatable):
-
-* ``breastpathq:LABELS.csv``: the BreastPathQ layout, a CSV ``slide,rid,y`` (y = cellularity
-  in [0, 1]) and images ``<slide>_<rid>.tif`` beside it (or in ``--images``);
-  ``--mpp`` gives the patches' resolution (default 0.5 um/px: BreastPathQ's patches are 20x.
-  The files do not say it; on the one public patch the default model's nuclei measure a median
-  7.0 um across read at 0.5 um/px and 3.9 um read at 0.25, against 5.5 um for MoNuSeg's annotated
-  breast nuclei at their known 0.25 um/px: ``benchmarks/experiments/breastpathq_scale.py``).
-* ``consep:DIR`` (a CoNSeP split: ``images/``, ``classes/``) and ``monusac:DIR``
-  (``images/``, ``masks/``): class-labelled nuclei; the label is the PROXY
-  tumour nuclear area / all nuclear area (see :mod:`wsiseg.cellularity.proxy`), never the pathologists'
-  cellularity, and it is named ``proxy`` wherever it is reported.
-
-Each patch goes through the segmentation model (``--model``, which must have the Normal,
-Lymphocyte, Malignant and Background channels) at the model's resolution, exactly as in
-``wsiseg run``; its 81 features (per pixel, see :mod:`wsiseg.scoring`) feed LightGBM. The
-validation split is by source image/slide (every ``--val-every``-th group in natural order).
+Data sources and their labels: :mod:`wsiseg.cellularity.labelled`.
 """
 from __future__ import annotations
 
@@ -24,68 +8,16 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from wsiseg.scoring import CLASS_INPUTS, patch_features
-from wsiseg.splits import every_nth, natural_key, split_by
-from wsiseg.stain import StainError, for_image, resolve_spec
+from wsiseg.cellularity.labelled import (BREASTPATHQ_MPP, class_maps, fits_input, image_inputs, label_of,
+                                         load_patches, map_features, map_inputs, metrics_table,
+                                         regression_metrics, split)
+from wsiseg.splits import natural_key
+from wsiseg.stain import StainError, resolve_spec
 from wsiseg.stain import add_arguments as stain_arguments
-
-BREASTPATHQ_MPP = 0.5  # um/px of BreastPathQ's 512 px patches (20x; see the module's docstring)
-
-
-@dataclass
-class Patch:
-    name: str
-    group: str  # split unit: source image or slide
-    image: np.ndarray  # RGB at the model's mpp
-    y: float
-    label: str  # "proxy" or "cellularity"
-
-
-def load_patches(spec: str, mpp: float, src_mpp: float | None = None, images: str | None = None) -> list[Patch]:
-    """Patches of one ``KIND:PATH`` source at the model's ``mpp``."""
-    from wsiseg.train.datasets import load_consep, load_monusac
-
-    kind, _, path = spec.partition(":")
-    if not path:
-        raise ValueError(f"--data {spec!r}: expected KIND:PATH with KIND breastpathq, consep or monusac")
-    if kind in ("consep", "monusac"):
-        samples = (load_consep if kind == "consep" else load_monusac)(path, mpp)
-        mal = CLASS_INPUTS.index("malignant")
-        bg = CLASS_INPUTS.index("background")
-        out = []
-        for s in samples:
-            nuclei = np.count_nonzero(s.classes != bg)
-            y = float(np.count_nonzero(s.classes == mal) / nuclei) if nuclei else 0.0
-            out.append(Patch(f"{kind}/{s.name}", f"{kind}/{s.group}", s.image, y, "proxy"))
-        return out
-    if kind == "breastpathq":
-        from wsiseg.cellularity.data import load_breastpathq
-        from wsiseg.train.datasets import resample
-
-        csv_path = Path(path)
-        imgs, y, ids = load_breastpathq(csv_path, images or csv_path.parent)
-        scale = (src_mpp or BREASTPATHQ_MPP) / mpp
-        return [Patch(f"breastpathq/{i}", f"breastpathq/{str(i).split('_')[0]}", resample(np.asarray(im), scale),
-                      float(v), "cellularity") for im, v, i in zip(imgs, y, ids)]
-    raise ValueError(f"--data {spec!r}: unknown kind {kind!r} (breastpathq, consep or monusac)")
-
-
-def class_maps(predictor, image: np.ndarray, stain=None) -> np.ndarray:
-    """(4, H, W) Normal/Lymphocyte/Malignant/Background probabilities of one image; ``stain``
-    (a :class:`wsiseg.stain.StainSpec`): the image normalised as one slide first, as
-    ``wsiseg run --stain`` would."""
-    chans = [c.lower() for c in predictor.channels]
-    missing = [c for c in CLASS_INPUTS if c not in chans]
-    if missing:
-        raise ValueError(f"model {predictor.model.id} has no {', '.join(missing)} channels: use a class model "
-                         "(e.g. unet-bn-nuclei-classes-20x)")
-    probs = predictor.with_stain(for_image(stain, image)).whole_image(image)
-    return probs[[chans.index(c) for c in CLASS_INPUTS]]
 
 
 def _stain_spec(args: argparse.Namespace, predictor):
@@ -95,64 +27,6 @@ def _stain_spec(args: argparse.Namespace, predictor):
         return resolve_spec(args.stain, args.stain_target, args.clahe, predictor.model.meta)
     except StainError as e:
         raise SystemExit(f"wsiseg: error: {e}") from None
-
-
-def parse_every(spec) -> dict[str, int] | int:
-    """``5`` or ``consep=5,monusac=4`` (per source; sources not named use 5)."""
-    if isinstance(spec, int):
-        return spec
-    if "=" not in str(spec):
-        return int(spec)
-    return {k.strip(): int(v) for k, v in (part.split("=") for part in str(spec).split(","))}
-
-
-def split(patches: list[Patch], every) -> tuple[list[Patch], list[Patch]]:
-    """(train, val) by source image: every ``every``-th group of each source, in natural order.
-
-    The default class model's own validation images are CoNSeP every 5th source image and MoNuSAC
-    every 4th slide: ``consep=5,monusac=4`` keeps the regressor's validation unseen by both."""
-    every = parse_every(every)
-    by_source: dict[str, set[str]] = {}
-    for p in patches:
-        by_source.setdefault(p.group.split("/")[0], set()).add(p.group)
-    val = set().union(*(every_nth(gs, every if isinstance(every, int) else every.get(src, 5))
-                        for src, gs in by_source.items()))
-    return split_by(patches, lambda p: p.group, val)
-
-
-def _features(predictor, patches: list[Patch], log, stain=None) -> tuple[np.ndarray, list[np.ndarray]]:
-    t0 = time.perf_counter()
-    maps = [class_maps(predictor, p.image, stain) for p in patches]
-    t1 = time.perf_counter()
-    X = np.stack([patch_features(m) for m in maps]) if maps else np.empty((0, 81))
-    log(f"  {len(patches)} patches: maps {t1 - t0:.1f} s, features {time.perf_counter() - t1:.1f} s")
-    return X, maps
-
-
-def metrics_table(rows: dict[str, dict]) -> str:
-    """A Markdown table of :func:`wsiseg.cellularity.metrics.evaluate` rows; a metric that needs more
-    patches than there are (None) reads ``n/a``."""
-    def f(v, d):
-        return "n/a" if v is None else f"{v:.{d}f}"
-
-    head = "| regressor | label | n | MSE [95% CI] | kappa (4 bins) | ICC(2,1) [95% CI] | PK |\n|---|---|---|---|---|---|---|\n"
-    out = []
-    for name, m in rows.items():
-        out.append(f"| {name} | {m['label']} | {m['n']} | {f(m['mse'], 4)} [{f(m['mse_ci'][0], 4)}, {f(m['mse_ci'][1], 4)}] | "
-                   f"{f(m['kappa'], 3)} | {f(m['icc'], 3)} [{f(m['icc_ci'][0], 3)}, {f(m['icc_ci'][1], 3)}] | {f(m['pk'], 3)} |")
-    return head + "\n".join(out)
-
-
-def _metrics(y, p, label: str) -> dict:
-    from wsiseg.cellularity.metrics import evaluate
-
-    m = evaluate(np.asarray(y), np.asarray(p))
-    return {"label": label, **m}
-
-
-def _label_of(patches: list[Patch]) -> str:
-    labels = sorted({p.label for p in patches})
-    return "proxy" if labels == ["proxy"] else "+".join(labels)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -168,7 +42,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     log(f"{len(train)} train / {len(val)} validation patches (split by source image, every N-th group: "
         f"{args.val_every}); model {predictor.model.id} at {mpp} um/px")
     t0 = time.perf_counter()
-    label = _label_of(patches)
+    label = label_of(patches)
     out = Path(args.out)
     if args.regressor == "cnn":
         path, side, res = _train_cnn(args, predictor, train, val, label, out, log, stain)
@@ -199,15 +73,15 @@ def _train_lgbm(args, predictor, train, val, label, out, log, stain=None):
     from wsiseg.cellularity.features import FEATURE_NAMES
     from wsiseg.cellularity.regressors import LightGBMRegressor
 
-    Xt, _ = _features(predictor, train, log, stain)
-    Xv, _ = _features(predictor, val, log, stain)
+    Xt, _ = map_features(predictor, train, log, stain)
+    Xv, _ = map_features(predictor, val, log, stain)
     yt = np.array([p.y for p in train])
     yv = np.array([p.y for p in val])
     reg = LightGBMRegressor(n_jobs=args.threads).fit(Xt, yt, Xv if len(val) else None, yv if len(val) else None,
                                                     feature_names=FEATURE_NAMES)
     res = {}
     if len(val):
-        res = _metrics(yv, reg.predict(Xv), label)
+        res = regression_metrics(yv, reg.predict(Xv), label)
         log(metrics_table({"lgbm": res}))
     path = reg.save(out)
     side = out.with_name(out.name + ".json")
@@ -219,25 +93,12 @@ def _train_lgbm(args, predictor, train, val, label, out, log, stain=None):
     return path, side, res
 
 
-def _cnn_inputs(predictor, patches: list[Patch], size: int, stain=None):
-    """Class maps of the patches that fit one network input (smaller ones padded with background)."""
-    from wsiseg.scoring import pad_to
-
-    maps, ys = [], []
-    for p in patches:
-        m = class_maps(predictor, p.image, stain)
-        if m.shape[1] <= size and m.shape[2] <= size:
-            maps.append(pad_to(m, size)[:, :size, :size])
-            ys.append(p.y)
-    return np.stack(maps).astype(np.float32), np.array(ys)
-
-
 def _train_cnn(args, predictor, train, val, label, out, log, stain=None):
     from wsiseg.cellularity.cnn import MapCNNRegressor
 
     size = args.input_size
-    Xt, yt = _cnn_inputs(predictor, train, size, stain)
-    Xv, yv = _cnn_inputs(predictor, val, size, stain)
+    Xt, yt = map_inputs(predictor, train, size, stain)
+    Xv, yv = map_inputs(predictor, val, size, stain)
     log(f"  CNN on {len(Xt)} train / {len(Xv)} val maps of {size} px (patches larger than that are left out)")
     width = {"full": None, "quarter": {"channels": [16, 32, 64, 128]}}[args.width]
     reg = MapCNNRegressor(mode=args.mode, input_size=size, input_mpp=predictor.model.mpp, device=args.device, arch_kwargs=width)
@@ -246,32 +107,10 @@ def _train_cnn(args, predictor, train, val, label, out, log, stain=None):
                 "label": label, "data": args.data, "maps": f"predicted by {predictor.model.id}"})
     res = {}
     if len(Xv):
-        res = _metrics(yv, reg.predict(Xv), label)
+        res = regression_metrics(yv, reg.predict(Xv), label)
         log(metrics_table({"cnn": res}))
     path = reg.save(out)
     return path, Path(str(path)).with_suffix(".json"), res
-
-
-def _fits(p: Patch, size: int) -> bool:
-    """Whether the patch fits one ``size`` px network input."""
-    return max(p.image.shape[:2]) <= size
-
-
-def _image_inputs(patches: list[Patch], size: int):
-    """RGB patches (at the model's mpp) that fit one network input, padded with white glass.
-
-    The same patches as :func:`_cnn_inputs` keeps the map CNN and the direct regressor comparable."""
-    ims, ys = [], []
-    for p in patches:
-        if _fits(p, size):
-            h, w = p.image.shape[:2]
-            im = np.full((size, size, 3), 255, np.uint8)
-            im[:h, :w] = p.image
-            ims.append(im)
-            ys.append(p.y)
-    if not ims:
-        return np.empty((0, size, size, 3), np.uint8), np.empty(0)
-    return np.stack(ims), np.array(ys)
 
 
 def _train_image_cnn(args, predictor, train, val, label, out, log):
@@ -279,8 +118,8 @@ def _train_image_cnn(args, predictor, train, val, label, out, log):
     from wsiseg.cellularity.cnn import ImageCNNRegressor
 
     size = args.input_size
-    Xt, yt = _image_inputs(train, size)
-    Xv, yv = _image_inputs(val, size)
+    Xt, yt = image_inputs(train, size)
+    Xv, yv = image_inputs(val, size)
     if not len(Xt):
         raise SystemExit(f"wsiseg: error: no training patch fits --input-size {size} px at {predictor.model.mpp} um/px")
     log(f"  direct image CNN ({args.mode}) on {len(Xt)} train / {len(Xv)} val RGB patches of {size} px "
@@ -292,7 +131,7 @@ def _train_image_cnn(args, predictor, train, val, label, out, log):
             max_seconds=args.seconds, log=log, data_description={"label": label, "data": args.data})
     res = {}
     if len(Xv):
-        res = _metrics(yv, reg.predict(Xv), label)
+        res = regression_metrics(yv, reg.predict(Xv), label)
         log(metrics_table({f"image-{args.mode}": res}))
     path = reg.save(out)
     return path, Path(str(path)).with_suffix(".json"), res
@@ -313,7 +152,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     map_regs = [(k, n) for k, n in (("lgbm", args.lgbm), ("cnn", args.cnn)) if n and n != "none"]
     maps = [class_maps(predictor, p.image, stain) for p in patches] if map_regs else []
     y = np.array([p.y for p in patches])
-    label = _label_of(patches)
+    label = label_of(patches)
     rows = {}
     per_patch: dict[str, list] = {}  # regressor -> one prediction per patch (None: not scored)
     for kind, name in map_regs:
@@ -324,7 +163,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from wsiseg.scoring import pad_to
 
         pred = reg.predict([pad_to(m, 16) for m in maps])
-        rows[kind] = _metrics(y, pred, label)
+        rows[kind] = regression_metrics(y, pred, label)
         per_patch[kind] = [float(v) for v in pred]
     for name in args.image_cnn or []:
         from wsiseg.cellularity.cnn import ImageCNNRegressor
@@ -334,20 +173,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise SystemExit(f"wsiseg: error: --image-cnn {name}: no {name}.safetensors with its .json sidecar "
                              "(looked at the path and among the shipped weights)")
         reg = ImageCNNRegressor.load(path, device=args.device)
-        X, yi = _image_inputs(patches, int(reg.input_size))
+        X, yi = image_inputs(patches, int(reg.input_size))
         if not len(X):
             print(f"wsiseg: warning: no patch fits {name}'s {reg.input_size} px input, skipped", file=sys.stderr)
             continue
         key = f"image-{reg.mode} ({Path(name).name})"
         pred = reg.predict(X)
-        rows[key] = _metrics(yi, pred, label)
-        fits = iter(float(v) for v in pred)  # _image_inputs keeps the patches that fit, in order
-        per_patch[key] = [next(fits) if _fits(p, int(reg.input_size)) else None for p in patches]
+        rows[key] = regression_metrics(yi, pred, label)
+        fits = iter(float(v) for v in pred)  # image_inputs keeps the patches that fit, in order
+        per_patch[key] = [next(fits) if fits_input(p, int(reg.input_size)) else None for p in patches]
     if maps:  # the no-learning baseline: the malignant share of the maps' nuclear mass
         from wsiseg.scoring import malignant_share
 
         pred = [malignant_share(m) for m in maps]
-        rows["share (no learning)"] = _metrics(y, pred, label)
+        rows["share (no learning)"] = regression_metrics(y, pred, label)
         per_patch["share"] = pred
     print(metrics_table(rows))
     if args.predictions:

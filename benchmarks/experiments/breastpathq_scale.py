@@ -46,7 +46,7 @@ def main() -> None:
     from skimage.measure import label
 
     from wsiseg.cellularity.data import read_rgb
-    from wsiseg.cellularity_cli import class_maps
+    from wsiseg.cellularity.labelled import class_maps
     from wsiseg.models.registry import load_model
     from wsiseg.predict import Predictor
     from wsiseg.scoring import DEFAULT_REGRESSORS, load_regressor, pad_to
