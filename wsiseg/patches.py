@@ -168,89 +168,105 @@ def run_patches(files: list[Path], names: list[str], out_dir: Path, predictor: P
         return _run_patches(files, names, Path(out_dir), predictor, cfg, regressors, max_px, progress)
 
 
+class _PatchOutputs:
+    """A patch job's outputs in ``out_dir``: one Zarr array per image (with the group's
+    attributes), the table (a row per image, flushed and fsynced after each group written) and,
+    with ``scorer``, the images' cellularity; ``close()`` closes the table."""
+
+    def __init__(self, out_dir: Path, params: dict, model, channels: list[str], scorer, secs: dict, progress):
+        self.group = zarr.open_group(str(out_dir / STORE_NAME), mode="a", zarr_format=2)
+        if "wsiseg" not in self.group.attrs:
+            self.group.attrs["wsiseg"] = {"params": params, "mpp": model.mpp, "classes": channels, "model": model.id,
+                                          "resolution": "each array at the model's resolution (mpp um/px)"}
+        self.scorer, self.secs, self.progress, self.n_done = scorer, secs, progress, 0
+        self.nucleus = channels.index("nucleus") if "nucleus" in channels else 0
+        self.cls_idx = [channels.index(c) for c in CLASS_INPUTS] if scorer is not None else None
+        cols = ["image", "name", "width", "height", "slide_mpp", "nuclear_fraction"]
+        if scorer is not None:
+            cols += ["cellularity_share"] + [f"cellularity_{k}" for k in scorer.models]
+        self.table_path = out_dir / TABLE_NAME
+        new_table = not self.table_path.exists()
+        self.table_f = open(self.table_path, "a", newline="")
+        self.table = csv.DictWriter(self.table_f, fieldnames=cols)
+        if new_table:
+            self.table.writeheader()
+            self.table_f.flush()
+
+    def write(self, finished: list[_Image]) -> None:
+        """Score and write these blended images."""
+        ts = time.perf_counter()
+        maps_u8 = [ProbabilityStore.to_uint8(normalise(im.sums, im.weights, im.sums)) for im in finished]
+        scores = self.scorer([m[self.cls_idx].astype(np.float32) / 255.0 for m in maps_u8]) if self.scorer is not None else {}
+        self.secs["score"] += time.perf_counter() - ts
+        tw = time.perf_counter()
+        for k, (im, m) in enumerate(zip(finished, maps_u8)):
+            arr = self.group.create_array(im.name, shape=m.shape, chunks=m.shape, dtype="uint8", overwrite=True)
+            arr[...] = m
+            row = {"image": str(im.path), "name": im.name, "width": m.shape[2], "height": m.shape[1],
+                   "slide_mpp": round(im.slide_mpp, 6),
+                   "nuclear_fraction": round(float(m[self.nucleus].mean()) / 255.0, 4)}
+            for kind, v in scores.items():
+                row[f"cellularity_{kind}"] = round(float(v[k]), 4)
+            self.table.writerow(row)
+            self.n_done += 1
+            if self.progress:
+                self.progress(1)
+        self.table_f.flush()
+        os.fsync(self.table_f.fileno())
+        self.secs["write"] += time.perf_counter() - tw
+
+    def close(self) -> None:
+        self.table_f.close()
+
+
+def _blend_batch(predictor: Predictor, items: list[tuple[_Image, int, int]], tile: int, win: np.ndarray,
+                 secs: dict) -> list[_Image]:
+    """Infer one batch of tiles (``(image, y, x)``) and blend each into its image; returns the
+    images that this batch finished (their pixels released)."""
+    tiles = np.stack([_tile_pixels(im.pixels, y, x, tile) for im, y, x in items])
+    ti = time.perf_counter()
+    probs = predictor.probabilities(tiles)
+    secs["infer"] += time.perf_counter() - ti
+    tb = time.perf_counter()
+    finished = []
+    for p, (im, y, x) in zip(probs, items):
+        h, w = im.weights.shape
+        y0, y1, x0, x1 = max(y, 0), min(y + tile, h), max(x, 0), min(x + tile, w)
+        wv = win[y0 - y:y1 - y, x0 - x:x1 - x]
+        im.sums[:, y0:y1, x0:x1] += p[:, y0 - y:y1 - y, x0 - x:x1 - x] * wv
+        im.weights[y0:y1, x0:x1] += wv
+        im.done += 1
+        if im.done == len(im.tiles):
+            finished.append(im)
+            im.pixels = None
+    secs["blend"] += time.perf_counter() - tb
+    return finished
+
+
 def _run_patches(files, names, out_dir: Path, predictor: Predictor, cfg: RunConfig, regressors, max_px: int,
                  progress) -> dict:
     t_start = time.perf_counter()
     tile, overlap, batch_size, window_kind = cfg.tiling.tile, cfg.tiling.overlap, cfg.engine.batch_size, cfg.tiling.window
     mpp = cfg.tiling.mpp_override or cfg.tiling.mpp
-    overwrite = cfg.output.overwrite
     model = predictor.model
     channels = list(predictor.channels)
     params = {"model": model.id, "classes": channels, "mpp": model.mpp, "tile": tile, "overlap": overlap,
               "window": window_kind, "input_mpp": mpp}
-    done_rows = _existing(out_dir, params, overwrite)
-    group = zarr.open_group(str(out_dir / STORE_NAME), mode="a", zarr_format=2)
-    if "wsiseg" not in group.attrs:
-        group.attrs["wsiseg"] = {"params": params, "mpp": model.mpp, "classes": channels, "model": model.id,
-                                 "resolution": "each array at the model's resolution (mpp um/px)"}
+    done_rows = _existing(out_dir, params, cfg.output.overwrite)
     has_classes = all(c in channels for c in CLASS_INPUTS)
     scorer = _Scorer(regressors if regressors is not None else {}) if has_classes else None
-    cols = ["image", "name", "width", "height", "slide_mpp", "nuclear_fraction"]
-    if scorer is not None:
-        cols += ["cellularity_share"] + [f"cellularity_{k}" for k in scorer.models]
-    table_path = out_dir / TABLE_NAME
-    new_table = not table_path.exists()
-    table_f = open(table_path, "a", newline="")
-    table = csv.DictWriter(table_f, fieldnames=cols)
-    if new_table:
-        table.writeheader()
-        table_f.flush()
-
-    grid_win = window(tile, window_kind)
     secs = dict.fromkeys(("read", "infer", "blend", "score", "write"), 0.0)
-    failed, skipped, n_done = [], 0, 0
-    nucleus = channels.index("nucleus") if "nucleus" in channels else 0
-    cls_idx = [channels.index(c) for c in CLASS_INPUTS] if has_classes else None
+    outputs = _PatchOutputs(out_dir, params, model, channels, scorer, secs, progress)
+    grid_win = window(tile, window_kind)
+    failed, skipped = [], 0
     queue: list[tuple[_Image, int, int]] = []  # tiles waiting for a batch
     finished: list[_Image] = []  # blended images waiting to be scored and written
 
-    def flush_finished(force: bool = False) -> None:
-        nonlocal n_done
-        if not finished or (len(finished) < _FLUSH_EVERY and not force):
-            return
-        ts = time.perf_counter()
-        maps_u8 = []
-        for im in finished:
-            probs = normalise(im.sums, im.weights, im.sums)
-            maps_u8.append(ProbabilityStore.to_uint8(probs))
-        scores = scorer([m[cls_idx].astype(np.float32) / 255.0 for m in maps_u8]) if scorer is not None else {}
-        secs["score"] += time.perf_counter() - ts
-        tw = time.perf_counter()
-        for k, (im, m) in enumerate(zip(finished, maps_u8)):
-            arr = group.create_array(im.name, shape=m.shape, chunks=m.shape, dtype="uint8", overwrite=True)
-            arr[...] = m
-            row = {"image": str(im.path), "name": im.name, "width": m.shape[2], "height": m.shape[1],
-                   "slide_mpp": round(im.slide_mpp, 6),
-                   "nuclear_fraction": round(float(m[nucleus].mean()) / 255.0, 4)}
-            for kind, v in scores.items():
-                row[f"cellularity_{kind}"] = round(float(v[k]), 4)
-            table.writerow(row)
-            n_done += 1
-            if progress:
-                progress(1)
-        table_f.flush()
-        os.fsync(table_f.fileno())
-        secs["write"] += time.perf_counter() - tw
-        finished.clear()
-
     def run_batch(items: list[tuple[_Image, int, int]]) -> None:
-        tiles = np.stack([_tile_pixels(im.pixels, y, x, tile) for im, y, x in items])
-        ti = time.perf_counter()
-        probs = predictor.probabilities(tiles)
-        secs["infer"] += time.perf_counter() - ti
-        tb = time.perf_counter()
-        for p, (im, y, x) in zip(probs, items):
-            h, w = im.weights.shape
-            y0, y1, x0, x1 = max(y, 0), min(y + tile, h), max(x, 0), min(x + tile, w)
-            wv = grid_win[y0 - y:y1 - y, x0 - x:x1 - x]
-            im.sums[:, y0:y1, x0:x1] += p[:, y0 - y:y1 - y, x0 - x:x1 - x] * wv
-            im.weights[y0:y1, x0:x1] += wv
-            im.done += 1
-            if im.done == len(im.tiles):
-                finished.append(im)
-                im.pixels = None
-        secs["blend"] += time.perf_counter() - tb
-        flush_finished()
+        finished.extend(_blend_batch(predictor, items, tile, grid_win, secs))
+        if len(finished) >= _FLUSH_EVERY:
+            outputs.write(finished)
+            finished.clear()
 
     try:
         for path, name in zip(files, names):
@@ -278,11 +294,13 @@ def _run_patches(files, names, out_dir: Path, predictor: Predictor, cfg: RunConf
         if queue:
             run_batch(queue)
             queue.clear()
-        flush_finished(force=True)
+        if finished:
+            outputs.write(finished)
     finally:
-        table_f.close()
-    _write_parquet(table_path)
+        outputs.close()
+    _write_parquet(outputs.table_path)
     total = time.perf_counter() - t_start
+    n_done = outputs.n_done
     summary = {
         "patches": n_done, "skipped": skipped, "failed": failed, "model": model.id, "backend": predictor.backend,
         "device": str(predictor.device), "mpp": model.mpp, "tile": tile, "overlap": overlap,
